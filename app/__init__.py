@@ -1,0 +1,1 @@
+"""BAPO personalization service: the HTTP API."""

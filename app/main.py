@@ -1,0 +1,88 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from app.api.routes import feedback, health, users
+from app.core.config import Settings, get_settings
+from app.core.db import make_engine, make_sessionmaker, migration_state, upgrade_to_head
+from app.core.errors import install_error_handlers
+from app.core.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
+from app.core.security import load_or_create_operator_key
+from app.services.health import database_check
+
+log = logging.getLogger(__name__)
+API_VERSION = "0.1.0"
+
+
+class NotMigratedError(RuntimeError):
+    """The database schema is not at the code's migration head."""
+
+
+def prepare_database(settings: Settings, app: FastAPI) -> None:
+    """Migrate an embedded database; refuse to serve an un-migrated server database."""
+    engine = app.state.engine
+    if settings.auto_migrate:
+        upgrade_to_head(settings.database_url)
+    current, head = migration_state(engine)
+    if current != head:
+        raise NotMigratedError(
+            f"Database is at migration {current or 'none'} but this code needs {head}. "
+            "Run `alembic upgrade head` (or the compose `migrate` service) first, "
+            "or set AUTO_MIGRATE=true."
+        )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app for these settings (the process settings by default)."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        prepare_database(settings, app)
+        yield
+        for hook in app.state.shutdown_hooks:
+            await hook()
+        app.state.engine.dispose()
+
+    app = FastAPI(
+        title="BAPO personalization service",
+        version=API_VERSION,
+        summary="Per-user LoRA adapters trained with BAPO on preference feedback, served by vLLM.",
+        lifespan=lifespan,
+    )
+    _init_state(app, settings)
+    install_error_handlers(app)
+    for router in (health.router, users.router, feedback.router):
+        app.include_router(router)
+    _add_middleware(app, settings)
+    return app
+
+
+def _init_state(app: FastAPI, settings: Settings) -> None:
+    engine = make_engine(settings)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessionmaker = make_sessionmaker(engine)
+    if settings.operator_key is not None:
+        app.state.operator_key = settings.operator_key.get_secret_value()
+    else:
+        app.state.operator_key, _ = load_or_create_operator_key(settings.data_dir)
+    app.state.ready_checks = {"database": database_check(engine)}
+    app.state.user_deleted_hooks = []
+    app.state.shutdown_hooks = []
+
+
+def _add_middleware(app: FastAPI, settings: Settings) -> None:
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["Authorization", "Content-Type", "Idempotency-Key"])
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)

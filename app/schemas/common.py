@@ -1,0 +1,54 @@
+"""Shapes shared by several routes."""
+
+from __future__ import annotations
+
+from typing import Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+T = TypeVar("T")
+
+
+class StrictModel(BaseModel):
+    """Request bodies refuse unknown fields instead of silently dropping them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Message(StrictModel):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(description="The turn's text; not empty.")
+
+
+class Page(BaseModel, Generic[T]):
+    """A cursor-paged list, newest first."""
+
+    data: list[T]
+    has_more: bool
+    next_cursor: str | None = Field(None, description="Pass as `cursor` to get the next page.")
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    code: str
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in {
+        400: "Malformed request",
+        401: "Missing or invalid API key",
+        403: "The key may not do this",
+        404: "Not found",
+        409: "Conflict",
+        413: "Body too large",
+        422: "Invalid field (named in `param`)",
+        503: "A dependency is unavailable",
+    }.items()
+}

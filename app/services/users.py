@@ -1,0 +1,93 @@
+"""Users and their API keys."""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.core.db import after_commit
+from app.core.errors import Conflict, NotFound
+from app.core.security import generate_api_key, hash_key, validate_user_id
+from app.models import (
+    Adapter,
+    ApiKey,
+    IdempotencyRecord,
+    JobEvent,
+    PreferencePair,
+    TrainingJob,
+    User,
+)
+
+
+@dataclass(frozen=True)
+class UserSummary:
+    id: str
+    created_at: datetime
+    pair_count: int
+    active_adapter_version: int | None
+
+
+def create_user(session: Session, user_id: str | None) -> tuple[User, str]:
+    """Create a user (id given or generated) and its first API key; returns (user, plain key)."""
+    user_id = validate_user_id(user_id) if user_id is not None else "u_" + secrets.token_hex(8)
+    if session.get(User, user_id) is not None:
+        raise Conflict(f"User {user_id!r} already exists", "user_exists")
+    user = User(id=user_id)
+    key = generate_api_key()
+    try:
+        with session.begin_nested():
+            session.add(user)
+            session.flush()
+    except IntegrityError as exc:  # a concurrent request created the same id
+        raise Conflict(f"User {user_id!r} already exists", "user_exists") from exc
+    session.add(ApiKey(user_id=user_id, key_hash=hash_key(key), prefix=key[:12]))
+    session.flush()
+    return user, key
+
+
+def get_user(session: Session, user_id: str) -> User:
+    """The user, or NotFound."""
+    user = session.get(User, user_id)
+    if user is None:
+        raise NotFound(f"User {user_id!r} not found", "user_not_found")
+    return user
+
+
+def summarize(session: Session, user: User) -> UserSummary:
+    """The user with their pair count."""
+    count = session.scalar(
+        select(func.count()).select_from(PreferencePair).where(PreferencePair.user_id == user.id)
+    )
+    return UserSummary(user.id, user.created_at, int(count or 0), user.active_adapter_version)
+
+
+def list_users(session: Session, limit: int, after: str | None) -> list[User]:
+    """Users ordered by id, `limit` of them after the id `after`."""
+    query = select(User).order_by(User.id).limit(limit)
+    if after is not None:
+        query = query.where(User.id > after)
+    return list(session.scalars(query))
+
+
+def delete_user(session: Session, user_id: str, adapter_root: Path) -> None:
+    """Erase the user: pairs, keys, jobs, events, adapters, and (after commit) adapter files."""
+    get_user(session, user_id)
+    job_ids = select(TrainingJob.id).where(TrainingJob.user_id == user_id)
+    session.execute(delete(JobEvent).where(JobEvent.job_id.in_(job_ids)))
+    for model in (TrainingJob, Adapter, PreferencePair, IdempotencyRecord, ApiKey):
+        session.execute(delete(model).where(model.user_id == user_id))  # type: ignore[attr-defined]
+    session.execute(delete(User).where(User.id == user_id))
+    folder = adapter_root / user_id
+    after_commit(session, lambda: shutil.rmtree(folder, ignore_errors=True))
+
+
+def user_for_key(session: Session, key: str) -> str | None:
+    """The user id owning this key, or None."""
+    return session.scalar(select(ApiKey.user_id).where(ApiKey.key_hash == hash_key(key)))
