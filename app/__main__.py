@@ -21,16 +21,26 @@ def main() -> None:
         where = f"(kept in {settings.data_dir / 'operator_key'})"
     else:
         key, where = "<OPERATOR_KEY>", "(from OPERATOR_KEY)"
-    print(f"""
+    print(
+        f"""
 BAPO personalization service on {base}   (API docs: {base}/docs)
-Database: {settings.database_url.split('@')[-1]}
+Database: {settings.database_url.split("@")[-1]}
 Operator key {where}:
   {key}
 Create a user:
-  curl -s -X POST {base}/users -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{"id": "alice"}}'
-""", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
-                proxy_headers=True, timeout_graceful_shutdown=10)
+  curl -s -X POST {base}/users -H 'Authorization: Bearer {key}' \\
+       -H 'Content-Type: application/json' -d '{{"id": "alice"}}'
+""",
+        flush=True,
+    )
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        proxy_headers=True,
+        timeout_graceful_shutdown=10,
+    )
 
 
 if __name__ == "__main__":

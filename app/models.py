@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -18,8 +18,8 @@ from sqlalchemy import (
     UniqueConstraint,
     text,
 )
-from sqlalchemy.types import TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
 
 ACTIVE_JOB_STATUSES = ("queued", "running")
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -48,7 +48,11 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: UTCDateTime()}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        dict[str, Any]: JSON,
+        list[Any]: JSON,
+        datetime: UTCDateTime(),
+    }
 
 
 class User(Base):
@@ -163,7 +167,7 @@ class Adapter(Base):
 
 
 class BaseResponse(Base):
-    """The base model's own answer to a prompt: a property of (base model, prompt), shared by users."""
+    """The base model's own answer to a prompt: keyed by (base model, prompt), not by user."""
 
     __tablename__ = "base_responses"
 

@@ -44,14 +44,19 @@ def get_principal(
     if credentials is None:
         if request.app.state.settings.allow_anonymous_local:
             return Principal(is_operator=True)
-        raise Unauthorized("Missing API key: send `Authorization: Bearer <key>`", "missing_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})
+        raise Unauthorized(
+            "Missing API key: send `Authorization: Bearer <key>`",
+            "missing_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     key = credentials.credentials
     if keys_equal(key, request.app.state.operator_key):
         return Principal(is_operator=True)
     user_id = user_service.user_for_key(session, key)
     if user_id is None:
-        raise Unauthorized("Invalid API key", "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        raise Unauthorized(
+            "Invalid API key", "invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+        )
     return Principal(is_operator=False, user_id=user_id)
 
 

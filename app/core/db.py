@@ -44,7 +44,7 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
 
 
 def after_commit(session: Session, callback: Callable[[], None]) -> None:
-    """Run `callback` once the session's transaction has committed (e.g. enqueue a job, delete files)."""
+    """Run `callback` after the session's transaction commits (e.g. enqueue a job, delete files)."""
     session.info.setdefault(AFTER_COMMIT, []).append(callback)
 
 

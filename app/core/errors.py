@@ -24,8 +24,14 @@ class AppError(Exception):
     type = "internal_error"
     default_code = "internal_error"
 
-    def __init__(self, message: str, code: str | None = None, *, headers: dict[str, str] | None = None,
-                 param: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        code: str | None = None,
+        *,
+        headers: dict[str, str] | None = None,
+        param: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code or self.default_code
@@ -132,29 +138,47 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "http_error")
-        code = {404: "route_not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse(error_body(kind, str(exc.detail), code), exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(
+            exc.status_code, "http_error"
+        )
+        code = {404: "route_not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, "http_error"
+        )
+        return JSONResponse(
+            error_body(kind, str(exc.detail), code),
+            exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
 
     @app.exception_handler(OperationalError)
     async def _db_down(_request: Request, exc: OperationalError) -> JSONResponse:
         log.warning("database unavailable: %s", exc.orig)
-        return error_response(ServiceUnavailable("Database unavailable, retry shortly",
-                                                 "database_unavailable", headers={"Retry-After": "2"}))
+        return error_response(
+            ServiceUnavailable(
+                "Database unavailable, retry shortly",
+                "database_unavailable",
+                headers={"Retry-After": "2"},
+            )
+        )
 
     @app.exception_handler(DBAPIError)
     async def _db_error(_request: Request, exc: DBAPIError) -> JSONResponse:
         if exc.connection_invalidated:
-            return error_response(ServiceUnavailable("Database connection lost, retry shortly",
-                                                     "database_unavailable",
-                                                     headers={"Retry-After": "2"}))
+            return error_response(
+                ServiceUnavailable(
+                    "Database connection lost, retry shortly",
+                    "database_unavailable",
+                    headers={"Retry-After": "2"},
+                )
+            )
         log.exception("database error")
-        return JSONResponse(error_body("internal_error", "Internal database error", "internal_error"),
-                            500)
+        return JSONResponse(
+            error_body("internal_error", "Internal database error", "internal_error"), 500
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
-        return JSONResponse(error_body("internal_error", "Internal server error", "internal_error"),
-                            500)
+        return JSONResponse(
+            error_body("internal_error", "Internal server error", "internal_error"), 500
+        )

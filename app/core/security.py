@@ -53,7 +53,9 @@ def validate_user_id(user_id: str) -> str:
     if not USER_ID_RE.fullmatch(user_id) or set(user_id) == {"."}:
         raise InvalidRequest(
             "user id must be 1-64 characters of A-Z a-z 0-9 _ . - and not only dots",
-            "invalid_user_id", param="user_id")
+            "invalid_user_id",
+            param="user_id",
+        )
     return user_id
 
 

@@ -58,7 +58,7 @@ class PairBatchIn(StrictModel):
 
 
 def _feedback_tag(value: Any) -> str:
-    if isinstance(value, dict) and "pairs" in value or isinstance(value, PairBatchIn):
+    if (isinstance(value, dict) and "pairs" in value) or isinstance(value, PairBatchIn):
         return "batch"
     return _pair_tag(value)
 

@@ -11,7 +11,8 @@ from app.schemas.common import StrictModel
 
 class UserCreate(StrictModel):
     id: str | None = Field(
-        None, description="Optional id ([A-Za-z0-9_.-]{1,64}); generated when absent.",
+        None,
+        description="Optional id ([A-Za-z0-9_.-]{1,64}); generated when absent.",
         examples=["alice"],
     )
 

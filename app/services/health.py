@@ -40,7 +40,10 @@ async def run_checks(app: FastAPI) -> dict[str, dict[str, Any]]:
     """Run every registered check concurrently, each bounded by a timeout."""
     checks: dict[str, Check] = app.state.ready_checks
     results = await asyncio.gather(*(_bounded(c) for c in checks.values()))
-    return {name: {"ok": ok, "detail": detail} for name, (ok, detail) in zip(checks, results, strict=True)}
+    return {
+        name: {"ok": ok, "detail": detail}
+        for name, (ok, detail) in zip(checks, results, strict=True)
+    }
 
 
 async def _bounded(check: Check) -> tuple[bool, str]:

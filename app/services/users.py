@@ -82,7 +82,7 @@ def delete_user(session: Session, user_id: str, adapter_root: Path) -> None:
     job_ids = select(TrainingJob.id).where(TrainingJob.user_id == user_id)
     session.execute(delete(JobEvent).where(JobEvent.job_id.in_(job_ids)))
     for model in (TrainingJob, Adapter, PreferencePair, IdempotencyRecord, ApiKey):
-        session.execute(delete(model).where(model.user_id == user_id))  # type: ignore[attr-defined]
+        session.execute(delete(model).where(model.user_id == user_id))
     session.execute(delete(User).where(User.id == user_id))
     folder = adapter_root / user_id
     after_commit(session, lambda: shutil.rmtree(folder, ignore_errors=True))

@@ -20,8 +20,9 @@ ACTIVE = sa.text("status IN ('queued', 'running')")
 
 
 def _user_fk() -> sa.Column:
-    return sa.Column("user_id", sa.String(64), sa.ForeignKey("users.id", ondelete="CASCADE"),
-                     nullable=False)
+    return sa.Column(
+        "user_id", sa.String(64), sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False
+    )
 
 
 def upgrade() -> None:
@@ -52,15 +53,27 @@ def upgrade() -> None:
         sa.Column("finished_at", TS, nullable=True),
     )
     op.create_index("ix_training_jobs_status", "training_jobs", ["status"])
-    op.create_index("ix_training_jobs_user_id_created_at", "training_jobs", ["user_id", "created_at"])
+    op.create_index(
+        "ix_training_jobs_user_id_created_at", "training_jobs", ["user_id", "created_at"]
+    )
     # One queued/running job per user, enforced by the database (partial unique index).
-    op.create_index("uq_training_jobs_one_active_per_user", "training_jobs", ["user_id"],
-                    unique=True, postgresql_where=ACTIVE, sqlite_where=ACTIVE)
+    op.create_index(
+        "uq_training_jobs_one_active_per_user",
+        "training_jobs",
+        ["user_id"],
+        unique=True,
+        postgresql_where=ACTIVE,
+        sqlite_where=ACTIVE,
+    )
     op.create_table(
         "job_events",
         sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
-        sa.Column("job_id", sa.String(40),
-                  sa.ForeignKey("training_jobs.id", ondelete="CASCADE"), nullable=False),
+        sa.Column(
+            "job_id",
+            sa.String(40),
+            sa.ForeignKey("training_jobs.id", ondelete="CASCADE"),
+            nullable=False,
+        ),
         sa.Column("kind", sa.String(16), nullable=False),
         sa.Column("step", sa.Integer(), nullable=True),
         sa.Column("data", sa.JSON(), nullable=False),

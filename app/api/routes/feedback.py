@@ -16,15 +16,34 @@ from app.services import users as user_service
 router = APIRouter(prefix="/users/{user_id}/feedback", tags=["feedback"], responses=ERROR_RESPONSES)
 
 FEEDBACK_EXAMPLES: dict[str, Any] = {
-    "pair": {"summary": "One pair", "value": {
-        "prompt": "Explain recursion.", "chosen": "A function calling itself...",
-        "rejected": "Recursion is recursion."}},
-    "batch": {"summary": "A batch", "value": {"pairs": [
-        {"messages": [{"role": "user", "content": "Hi"}], "chosen": "Hello!", "rejected": "What."}]}},
-    "openai": {"summary": "OpenAI/Together preference shape", "value": {
-        "input": {"messages": [{"role": "user", "content": "Hi"}]},
-        "preferred_output": [{"role": "assistant", "content": "Hello!"}],
-        "non_preferred_output": [{"role": "assistant", "content": "What."}]}},
+    "pair": {
+        "summary": "One pair",
+        "value": {
+            "prompt": "Explain recursion.",
+            "chosen": "A function calling itself...",
+            "rejected": "Recursion is recursion.",
+        },
+    },
+    "batch": {
+        "summary": "A batch",
+        "value": {
+            "pairs": [
+                {
+                    "messages": [{"role": "user", "content": "Hi"}],
+                    "chosen": "Hello!",
+                    "rejected": "What.",
+                }
+            ]
+        },
+    },
+    "openai": {
+        "summary": "OpenAI/Together preference shape",
+        "value": {
+            "input": {"messages": [{"role": "user", "content": "Hi"}]},
+            "preferred_output": [{"role": "assistant", "content": "Hello!"}],
+            "non_preferred_output": [{"role": "assistant", "content": "What."}],
+        },
+    },
 }
 
 
@@ -46,7 +65,9 @@ def post_feedback(
 
 @router.get("", response_model=Page[PairOut], summary="List pairs, newest first")
 def list_feedback(
-    user_id: UserIdDep, session: SessionDep, limit: LimitDep,
+    user_id: UserIdDep,
+    session: SessionDep,
+    limit: LimitDep,
     cursor: Annotated[str | None, Query(max_length=32, description="From `next_cursor`.")] = None,
 ) -> Page[PairOut]:
     """Cursor-paged pairs, newest first."""

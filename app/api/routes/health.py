@@ -18,7 +18,9 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Dependencies are reachable", responses={503: {"description": "Not ready"}})
+@router.get(
+    "/readyz", summary="Dependencies are reachable", responses={503: {"description": "Not ready"}}
+)
 async def readyz(request: Request) -> Any:
     """200 when every dependency answers (database, and what later parts register), else 503."""
     checks = await health.run_checks(request.app)

@@ -25,7 +25,9 @@ def create_user(
 
 @router.get("", response_model=Page[UserOut], summary="List users (operator)")
 def list_users(
-    _operator: OperatorDep, session: SessionDep, limit: LimitDep,
+    _operator: OperatorDep,
+    session: SessionDep,
+    limit: LimitDep,
     cursor: Annotated[str | None, Query(max_length=64)] = None,
 ) -> Page[UserOut]:
     """Users ordered by id; `cursor` is the last id of the previous page."""

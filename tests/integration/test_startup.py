@@ -1,0 +1,81 @@
+"""Start-up rules: migrations, the un-migrated refusal, embedded defaults."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, inspect
+
+from app.core.db import upgrade_to_head
+from app.main import NotMigratedError, create_app, prepare_database
+from tests.support import LiveServer, make_settings, postgres_database
+
+
+def test_unmigrated_postgres_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    with postgres_database(migrate=False) as url:
+        settings = make_settings(tmp_path, url)
+        assert settings.auto_migrate is False
+        app = create_app(settings)
+        with pytest.raises(NotMigratedError, match="alembic upgrade head"):
+            prepare_database(settings, app)
+        app.state.engine.dispose()
+
+
+def test_server_process_exits_on_unmigrated_postgres(tmp_path: Path) -> None:
+    with postgres_database(migrate=False) as url:
+        env = {
+            "DATABASE_URL": url,
+            "DATA_DIR": str(tmp_path),
+            "PORT": "0",
+            "LOG_JSON": "false",
+            "PATH": "/usr/bin:/bin",
+            "OPERATOR_KEY": "test-operator-key-0123456789",
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "app"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode != 0
+        assert "alembic upgrade head" in done.stderr
+
+
+def test_migrations_create_the_schema_on_postgres(tmp_path: Path) -> None:
+    with postgres_database(migrate=False) as url:
+        upgrade_to_head(url)
+        engine = create_engine(url)
+        tables = set(inspect(engine).get_table_names())
+        engine.dispose()
+    assert {
+        "users",
+        "api_keys",
+        "preference_pairs",
+        "idempotency_records",
+        "alembic_version",
+    } <= tables
+
+
+def test_embedded_defaults_use_sqlite_and_migrate_themselves(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "data")
+    assert settings.database_url.startswith("sqlite:///")
+    server = LiveServer(settings).start()
+    try:
+        assert httpx.get(f"{server.url}/readyz").json()["checks"]["database"]["ok"] is True
+        assert (tmp_path / "data" / "bapo.sqlite3").exists()
+    finally:
+        server.stop()
+
+
+def test_operator_key_is_generated_once_and_kept(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, operator_key=None)
+    first = create_app(settings).state.operator_key
+    second = create_app(settings).state.operator_key
+    assert first == second and len(first) > 30
+    assert (tmp_path / "operator_key").stat().st_mode & 0o777 == 0o600
