@@ -9,10 +9,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from app.api.routes import feedback, health, users
+from app.api.routes import feedback, health, metrics, users
 from app.core.config import Settings, get_settings
 from app.core.db import make_engine, make_sessionmaker, migration_state, upgrade_to_head
 from app.core.errors import install_error_handlers
+from app.core.metrics import Metrics, MetricsMiddleware
 from app.core.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from app.core.security import load_or_create_operator_key
 from app.services.health import database_check
@@ -59,7 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     _init_state(app, settings)
     install_error_handlers(app)
-    for router in (health.router, users.router, feedback.router):
+    for router in (health.router, metrics.router, users.router, feedback.router):
         app.include_router(router)
     _add_middleware(app, settings)
     return app
@@ -77,6 +78,8 @@ def _init_state(app: FastAPI, settings: Settings) -> None:
     app.state.ready_checks = {"database": database_check(engine)}
     app.state.user_deleted_hooks = []
     app.state.shutdown_hooks = []
+    app.state.metrics = Metrics()
+    app.state.metrics.watch_jobs(engine)
 
 
 def _add_middleware(app: FastAPI, settings: Settings) -> None:
@@ -88,4 +91,5 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
         )
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(RequestIdMiddleware)

@@ -150,3 +150,16 @@ def test_request_id_is_echoed(api: Api) -> None:
     response = api.http.get("/healthz", headers={"X-Request-ID": "abc-123"})
     assert response.headers["x-request-id"] == "abc-123"
     assert len(api.http.get("/healthz").headers["x-request-id"]) == 32
+
+
+def test_metrics_count_requests_by_route_and_pairs(api: Api) -> None:
+    _, alice = api.create_user("alice")
+    pair = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    api.http.post("/users/alice/feedback", json={"pairs": [pair, pair]}, headers=alice)
+    text = api.http.get("/metrics").text
+    assert (
+        'bapo_http_requests_total{method="POST",route="/users/{user_id}/feedback",status="201"}'
+        in text
+    )
+    assert "bapo_feedback_pairs_stored_total" in text
+    assert 'bapo_training_jobs{status="queued"}' in text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Path, Query, Response
+from fastapi import APIRouter, Body, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from app.api.deps import LimitDep, SessionDep, SettingsDep, UserIdDep
@@ -49,6 +49,7 @@ FEEDBACK_EXAMPLES: dict[str, Any] = {
 
 @router.post("", status_code=201, response_model=FeedbackCreated, summary="Store preference pairs")
 def post_feedback(
+    request: Request,
     user_id: UserIdDep,
     session: SessionDep,
     settings: SettingsDep,
@@ -60,6 +61,8 @@ def post_feedback(
     pairs = feedback_service.normalize(body, settings)
     result = feedback_service.store_pairs(session, user_id, pairs, idempotency_key)
     headers = {"Idempotent-Replayed": "true"} if result.replayed else {}
+    if not result.replayed:
+        request.app.state.metrics.pairs_stored.inc(len(pairs))
     return JSONResponse(result.body, status_code=result.status_code, headers=headers)
 
 
