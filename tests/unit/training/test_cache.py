@@ -1,0 +1,54 @@
+"""Cache implementations and cache keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from worker.training.cache import (
+    CacheFileError,
+    JsonFileCache,
+    MemoryCache,
+    base_response_key,
+    prompt_key,
+    reference_key,
+)
+from worker.training.config import TrainConfig
+
+MESSAGES = [{"role": "user", "content": "Hi"}]
+
+
+def test_memory_cache_returns_only_present_keys() -> None:
+    cache = MemoryCache()
+    cache.put_many({"a": 1.5, "b": "text"})
+    assert cache.get_many(["a", "b", "c"]) == {"a": 1.5, "b": "text"}
+
+
+def test_json_file_cache_persists(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "cache.json"
+    JsonFileCache(path).put_many({"k": -3.25, "b": "answer"})
+    assert JsonFileCache(path).get_many(["k", "b"]) == {"k": -3.25, "b": "answer"}
+    assert [p.name for p in path.parent.iterdir()] == ["cache.json"]  # no temp files left
+
+
+def test_json_file_cache_refuses_a_bad_file(tmp_path: Path) -> None:
+    path = tmp_path / "cache.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(CacheFileError, match="JSON object"):
+        JsonFileCache(path)
+    path.write_text("{oops")
+    with pytest.raises(CacheFileError, match="cannot read"):
+        JsonFileCache(path)
+
+
+def test_keys_depend_on_model_prompt_response_and_limits() -> None:
+    assert prompt_key(MESSAGES) == prompt_key([{"content": "Hi", "role": "user"}])
+    assert prompt_key(MESSAGES) != prompt_key([{"role": "user", "content": "Hi!"}])
+    assert base_response_key("m1", MESSAGES) == f"m1:{prompt_key(MESSAGES)}"
+    assert base_response_key("m1", MESSAGES) != base_response_key("m2", MESSAGES)
+    config = TrainConfig(max_prompt_tokens=64, max_response_tokens=32)
+    key = reference_key("m1", MESSAGES, "Hello", config)
+    assert key.startswith(f"m1:{prompt_key(MESSAGES)}:") and key.endswith(":64:32")
+    assert key != reference_key("m1", MESSAGES, "Hello!", config)
+    assert key != reference_key("m1", MESSAGES, "Hello", TrainConfig(max_response_tokens=31))

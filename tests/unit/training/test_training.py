@@ -1,0 +1,180 @@
+"""A real (tiny) training run on the bundled model: BAPO vs DPO, caches, saved adapter, cancel."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.unit.training.helpers import make_pairs
+from worker.training.anchors import compute_anchors
+from worker.training.cache import MemoryCache
+from worker.training.config import TrainConfig
+from worker.training.data import Pair
+from worker.training.evaluate import MCQuestion
+from worker.training.model import model_identity
+from worker.training.trainer import TrainingCancelled, TrainResult, train
+
+pytestmark = pytest.mark.slow
+
+# 6 pairs, 1 held out (same seed → same split for both methods); all 5 train pairs in one batch.
+TINY = TrainConfig(
+    beta=0.1,
+    anchor_weight=1.0,
+    learning_rate=5e-3,
+    max_steps=4,
+    batch_size=5,
+    lora_rank=8,
+    lora_alpha=16,
+    lora_dropout=0.0,
+    warmup_ratio=0.0,
+    max_prompt_tokens=64,
+    max_response_tokens=24,
+    base_max_new_tokens=16,
+    heldout_fraction=0.2,
+    min_pairs_for_heldout=6,
+    served_model_name="tiny-served-name",
+    seed=7,
+)
+
+MC_QUESTIONS = [
+    MCQuestion("What is the capital of France?", ("Paris", "Berlin"), 0),
+    MCQuestion("How many legs does a cat have?", ("Two", "Four"), 1),
+]
+
+
+class Runs:
+    """The two trainings shared by this module's tests, with what their callbacks saw."""
+
+    def __init__(self) -> None:
+        self.base_cache, self.ref_cache = MemoryCache(), MemoryCache()
+        self.phases: list[str] = []
+        self.steps: list[dict[str, Any]] = []
+        self.results: dict[str, TrainResult] = {}
+
+
+@pytest.fixture(scope="module")
+def runs(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    """BAPO first (fills the caches), then DPO with the same caches, seed and pairs."""
+    state = Runs()
+    out = tmp_path_factory.mktemp("adapters")
+    for method in ("bapo", "dpo"):
+        state.results[method] = train(
+            model_dir, make_pairs(), replace(TINY, method=method), out_dir=out / method,
+            base_cache=state.base_cache, ref_cache=state.ref_cache,
+            on_step=state.steps.append if method == "bapo" else None,
+            on_phase=state.phases.append if method == "bapo" else None,
+            mc_questions=MC_QUESTIONS if method == "bapo" else None,
+        )  # fmt: skip
+    return state
+
+
+def test_reward_margin_increases(runs: Runs) -> None:
+    for result in runs.results.values():
+        first = result.history[0]["reward_margin"]
+        assert first == pytest.approx(0.0, abs=1e-3)  # LoRA starts as a no-op
+        assert result.metrics["train_reward_margin"] > first + 0.1
+        assert result.metrics["train_reward_accuracy"] == 1.0
+
+
+def test_bapo_keeps_base_answers_more_likely_than_dpo(runs: Runs) -> None:
+    bapo, dpo = runs.results["bapo"].metrics, runs.results["dpo"].metrics
+    assert bapo["train_anchor_logratio"] > dpo["train_anchor_logratio"]
+    assert dpo["train_anchor_logratio"] < 0  # DPO drifts away from the base answers here
+
+
+def test_callbacks_and_counts(runs: Runs) -> None:
+    assert runs.phases == [
+        "loading", "base_responses", "reference_logprobs", "training", "evaluating", "saving"
+    ]  # fmt: skip
+    assert [s["step"] for s in runs.steps] == [1, 2, 3, 4]
+    expected = {
+        *("step", "epoch", "lr", "grad_norm", "tokens", "loss", "dpo_loss", "anchor_loss"),
+        *("reward_accuracy", "reward_margin", "anchor_logratio", "anchor_below_frac"),
+    }
+    assert expected <= set(runs.steps[0])
+    bapo = runs.results["bapo"]
+    assert (bapo.num_pairs, bapo.num_train_pairs, bapo.num_heldout_pairs) == (6, 5, 1)
+    assert 0.0 <= bapo.metrics["heldout_preference_accuracy"] <= 1.0
+    assert bapo.tokens_trained == sum(s["tokens"] for s in runs.steps) and bapo.tokens_per_s > 0
+    assert "anchor_logratio" not in runs.results["dpo"].history[0]  # DPO skips base rows
+
+
+def test_knowledge_retention_is_measured_when_asked(runs: Runs) -> None:
+    bapo, dpo = runs.results["bapo"].metrics, runs.results["dpo"].metrics
+    assert bapo["mc_questions"] == 2
+    assert bapo["mc_retention_delta"] == bapo["mc_adapter_accuracy"] - bapo["mc_base_accuracy"]
+    assert "mc_retention_delta" not in dpo
+
+
+def test_second_run_reuses_every_cached_value(runs: Runs) -> None:
+    first, second = runs.results["bapo"].cache_stats, runs.results["dpo"].cache_stats
+    assert first.base_computed == 6 and first.ref_computed > 0
+    assert (second.base_computed, second.ref_computed) == (0, 0)
+    assert (second.base_reused, second.ref_reused) == (6, first.ref_computed)
+
+
+def test_one_more_pair_computes_only_that_pair(runs: Runs, model_dir: Path, tokenizer: Any) -> None:
+    from worker.training.model import load_model
+
+    extra = make_pairs([("Name a fruit.", "Arr, a banana, matey!", "A banana.")])
+    anchors = compute_anchors(
+        load_model(model_dir), tokenizer, make_pairs() + extra, TINY, model_identity(model_dir),
+        base_cache=runs.base_cache, ref_cache=runs.ref_cache,
+    )  # fmt: skip
+    assert (anchors.stats.base_computed, anchors.stats.base_reused) == (1, 6)
+    assert anchors.stats.ref_computed == 3  # chosen, rejected and base answer of the new pair
+
+
+def test_saved_adapter_is_vllm_compatible_and_complete(runs: Runs) -> None:
+    adapter = runs.results["bapo"].adapter_dir
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny-served-name"
+    assert config["use_dora"] is False and not config["modules_to_save"]
+    assert config["r"] == 8 and set(config["target_modules"]) == set(TINY.target_modules)
+    metrics = json.loads((adapter / "metrics.json").read_text())
+    assert metrics["metrics"] == runs.results["bapo"].metrics
+    assert len(metrics["history"]) == 4 and metrics["config"]["method"] == "bapo"
+    assert not [p for p in adapter.parent.iterdir() if ".tmp-" in p.name]
+
+
+def test_saved_adapter_loads_with_peft_and_changes_logits(
+    runs: Runs, base_model: Any, tokenizer: Any
+) -> None:
+    from peft import PeftModel
+
+    ids = tokenizer("Hello there, how are you?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        base_logits = base_model(input_ids=ids).logits
+        model = PeftModel.from_pretrained(base_model, str(runs.results["bapo"].adapter_dir))
+        try:
+            tuned_logits = model(input_ids=ids).logits
+        finally:
+            model.unload()
+    assert (tuned_logits - base_logits).abs().max() > 1e-2
+
+
+def test_cancel_between_steps_saves_nothing(runs: Runs, model_dir: Path, tmp_path: Path) -> None:
+    seen: list[int] = []
+    with pytest.raises(TrainingCancelled):
+        train(
+            model_dir, make_pairs(), TINY, out_dir=tmp_path / "cancelled",
+            base_cache=runs.base_cache, ref_cache=runs.ref_cache,
+            on_step=lambda m: seen.append(m["step"]), should_cancel=lambda: len(seen) >= 1,
+        )  # fmt: skip
+    assert seen == [1]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_folder_is_refused_before_any_work(model_dir: Path, tmp_path: Path) -> None:
+    from worker.training.artifacts import AdapterExistsError
+
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    pairs: list[Pair] = make_pairs()
+    with pytest.raises(AdapterExistsError):
+        train(model_dir, pairs, TINY, out_dir=tmp_path / "taken", on_phase=pytest.fail)

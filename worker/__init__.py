@@ -1,0 +1,1 @@
+"""Background work: the training engine (`worker.training`) and the command-line entry point."""

@@ -1,0 +1,105 @@
+"""Key-value caches for base responses and reference log-probs (callers choose the storage).
+
+Keys (values: str for base responses, float for reference log-probs):
+  base response:      f"{model_identity}:{prompt_key}"
+  reference log-prob: f"{model_identity}:{prompt_key}:{sha256(response)[:32]}"
+                      f":{max_prompt_tokens}:{max_response_tokens}"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from worker.training.config import TrainConfig
+    from worker.training.data import Messages
+
+
+def prompt_key(messages: Messages) -> str:
+    """sha256 of the canonical JSON of the chat turns."""
+    canonical = json.dumps(messages, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def base_response_key(identity: str, messages: Messages) -> str:
+    """Cache key of the base response to a prompt."""
+    return f"{identity}:{prompt_key(messages)}"
+
+
+def reference_key(identity: str, messages: Messages, response: str, config: TrainConfig) -> str:
+    """Cache key of log πref(response | prompt) under the config's truncation limits."""
+    response_hash = hashlib.sha256(response.encode("utf-8")).hexdigest()[:32]
+    limits = f"{config.max_prompt_tokens}:{config.max_response_tokens}"
+    return f"{identity}:{prompt_key(messages)}:{response_hash}:{limits}"
+
+
+class CacheFileError(ValueError):
+    """A cache file exists but does not hold a JSON object."""
+
+
+class KeyValueCache(Protocol):
+    """What the engine needs from a cache: batched get (missing keys absent) and batched put."""
+
+    def get_many(self, keys: list[str]) -> dict[str, Any]:
+        """Values of the keys that are present."""
+        ...
+
+    def put_many(self, items: dict[str, Any]) -> None:
+        """Store (or overwrite) these items."""
+        ...
+
+
+class MemoryCache:
+    """A dict-backed cache (tests, one process)."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+
+    def get_many(self, keys: list[str]) -> dict[str, Any]:
+        """Values of the keys that are present."""
+        return {key: self.data[key] for key in keys if key in self.data}
+
+    def put_many(self, items: dict[str, Any]) -> None:
+        """Store (or overwrite) these items."""
+        self.data.update(items)
+
+
+class JsonFileCache(MemoryCache):
+    """A cache kept as one JSON object in a file, rewritten atomically on each put (CLI use)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = Path(path)
+        if self.path.exists():
+            self.data = _read_json_object(self.path)
+
+    def put_many(self, items: dict[str, Any]) -> None:
+        """Store these items and rewrite the file."""
+        if not items:
+            return
+        super().put_many(items)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(self.data, handle)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """Load a JSON object from a file, refusing anything else."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CacheFileError(f"cannot read cache file {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CacheFileError(f"cache file {path} does not hold a JSON object")
+    return data

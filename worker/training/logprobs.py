@@ -1,0 +1,97 @@
+"""Masked sequence log-probabilities: sum of log p(token | prefix) over response tokens only.
+
+The vocabulary projection (lm_head) and the softmax are applied only at the positions that predict
+a response token: the backbone's final hidden states are gathered there first. Prompt and padding
+positions never get logits.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import torch
+import torch.nn.functional as F
+
+from worker.training.data import Batch, EncodedPair, collate
+from worker.training.model import CausalLM, autocast
+
+T = TypeVar("T")
+
+
+def backbone_and_head(model: CausalLM) -> tuple[CausalLM, CausalLM]:
+    """The decoder stack and the output projection of a causal LM, PEFT-wrapped or not."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = inner.base_model  # transformers: the decoder (e.g. LlamaModel), LoRA layers injected
+    head = inner.get_output_embeddings()
+    if backbone is inner or head is None:
+        raise TypeError(f"{type(inner).__name__} is not a causal LM with an output projection")
+    return backbone, head
+
+
+def sequence_logprobs(model: CausalLM, batch: Batch) -> torch.Tensor:
+    """Σ_t log p(y_t | x, y_<t) over response tokens, per row.
+
+    batch.input_ids [N, T], batch.attention_mask [N, T], batch.response_mask [N, T] (True on
+    response tokens) → [N] float32. Position t's hidden state predicts token t+1, so the scored
+    positions are response_mask[:, 1:]; only those K positions reach lm_head ([K, H] → [K, V]).
+    """
+    backbone, head = backbone_and_head(model)
+    device = batch.input_ids.device
+    with autocast(device):
+        hidden = backbone(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        ).last_hidden_state  # [N, T, H]
+        scored = batch.response_mask[:, 1:]  # [N, T-1]
+        states = hidden[:, :-1][scored]  # [K, H]
+        logits = head(states).float()  # [K, V]
+    targets = batch.input_ids[:, 1:][scored]  # [K]
+    token_logps = -F.cross_entropy(logits, targets, reduction="none")  # [K]
+    rows = torch.arange(scored.shape[0], device=device).unsqueeze(1).expand_as(scored)[scored]
+    totals = torch.zeros(scored.shape[0], dtype=torch.float32, device=device)
+    return totals.index_add(0, rows, token_logps)
+
+
+def score_sequences(
+    model: CausalLM,
+    rows: list[tuple[list[int], list[int]]],
+    pad_token_id: int,
+    batch_size: int,
+) -> list[float]:
+    """Sequence log-probs of (prompt ids, response ids) rows, without gradients, in input order."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+    scores = [0.0] * len(rows)
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = collate([rows[i] for i in chunk], pad_token_id).to(device)
+            for i, value in zip(chunk, sequence_logprobs(model, batch).tolist(), strict=True):
+                scores[i] = value
+    return scores
+
+
+def pair_logratios(
+    model: CausalLM, pairs: list[EncodedPair], pad_token_id: int, with_base: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """h = log πθ − log πref for chosen, rejected (and base) of each pair, from ONE forward.
+
+    The batch stacks B chosen rows, B rejected rows and (with_base) B base rows: [2B or 3B, T].
+    Returns h_chosen [B], h_rejected [B], h_base [B] or None, and the number of tokens forwarded.
+    """
+    kinds = 3 if with_base else 2
+    rows = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
+    if with_base:
+        rows += [(p.prompt, _require(p.base, "base")) for p in pairs]
+    device = next(model.parameters()).device
+    batch = collate(rows, pad_token_id).to(device)
+    policy = sequence_logprobs(model, batch).view(kinds, len(pairs))  # [kinds, B]
+    refs = torch.tensor([_require(p.ref_logps, "ref_logps") for p in pairs], device=device)
+    h = policy - refs.T[:kinds]  # refs [B, 3] → [3, B]
+    return h[0], h[1], (h[2] if with_base else None), batch.num_tokens
+
+
+def _require(value: T | None, name: str) -> T:
+    """The value, or a clear error when an encoded pair lacks it."""
+    if value is None:
+        raise ValueError(f"encoded pair has no {name}")
+    return value

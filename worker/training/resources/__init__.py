@@ -1,0 +1,1 @@
+"""Data files shipped with the training engine (general_mc.jsonl)."""
