@@ -39,4 +39,4 @@ RUN pip install -c constraints.txt ".[ml]" \
 USER 10001:10001
 HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 \
     CMD ["celery", "-A", "worker.celery_app", "inspect", "ping", "--timeout", "5"]
-CMD ["celery", "-A", "worker.celery_app", "worker", "--queues", "gpu", "--concurrency", "1", "--loglevel", "INFO"]
+CMD ["celery", "-A", "worker.celery_app", "worker", "--queues", "gpu", "--concurrency", "1", "--hostname", "gpu@%h", "--loglevel", "INFO"]

@@ -9,13 +9,25 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from app.api.routes import feedback, health, metrics, users
+from app.api.routes import (
+    adapters,
+    feedback,
+    generate,
+    health,
+    metrics,
+    openai_compat,
+    train,
+    users,
+    web,
+)
 from app.core.config import Settings, get_settings
 from app.core.db import make_engine, make_sessionmaker, migration_state, upgrade_to_head
 from app.core.errors import install_error_handlers
 from app.core.metrics import Metrics, MetricsMiddleware
 from app.core.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from app.core.security import load_or_create_operator_key
+from app.queue import broker_check
+from app.services.generate import install_inference
 from app.services.health import database_check
 
 log = logging.getLogger(__name__)
@@ -47,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         prepare_database(settings, app)
+        app.state.generate_handler.start()
         yield
         for hook in app.state.shutdown_hooks:
             await hook()
@@ -59,9 +72,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     _init_state(app, settings)
+    install_inference(app, settings)
     install_error_handlers(app)
-    for router in (health.router, metrics.router, users.router, feedback.router):
+    for router in (health.router, metrics.router, users.router, feedback.router, train.router):
         app.include_router(router)
+    for router in (adapters.router, generate.router, openai_compat.router):
+        app.include_router(router)
+    app.include_router(web.router)  # the playground page at /
     _add_middleware(app, settings)
     return app
 
@@ -75,7 +92,7 @@ def _init_state(app: FastAPI, settings: Settings) -> None:
         app.state.operator_key = settings.operator_key.get_secret_value()
     else:
         app.state.operator_key, _ = load_or_create_operator_key(settings.data_dir)
-    app.state.ready_checks = {"database": database_check(engine)}
+    app.state.ready_checks = {"database": database_check(engine), "broker": broker_check(settings)}
     app.state.user_deleted_hooks = []
     app.state.shutdown_hooks = []
     app.state.metrics = Metrics()

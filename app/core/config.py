@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -74,8 +74,14 @@ class Settings(BaseSettings):
     vllm_api_key: SecretStr | None = None
     vllm_timeout_s: float = 120.0
     local_max_adapters: int = Field(4, ge=1, description="LRU size of the in-process backend.")
+    local_threads: int = Field(
+        0, ge=0, description="torch threads of the in-process backend (process-wide); 0 = torch's."
+    )
     max_prompt_tokens: int = Field(1536, ge=1, description="Longest generate prompt, in tokens.")
     max_new_tokens: int = Field(512, ge=1, description="Largest max_tokens for generate.")
+    default_max_tokens: int = Field(
+        256, ge=1, description="max_tokens when a request sets none (at most MAX_NEW_TOKENS)."
+    )
 
     # --- training ------------------------------------------------------------------------------
     min_pairs_to_train: int = Field(4, ge=1)
@@ -86,7 +92,7 @@ class Settings(BaseSettings):
         3600, ge=5, description="How often the scheduler looks for due users."
     )
     retrain_min_new_pairs: int = Field(
-        20, ge=1, description="New pairs since the last job to be due."
+        20, ge=1, description="New pairs since the last successful job to be due."
     )
     retrain_max_per_tick: int = Field(10, ge=1)
     gate_min_retention_delta: float = Field(
@@ -98,6 +104,31 @@ class Settings(BaseSettings):
     gate_mc_file: Path | None = Field(
         None, description="MC file for the retention gate; empty = shipped set."
     )
+    gate_mc_limit: int | None = Field(
+        None, ge=1, description="Score only the first N questions of the gate MC set; empty = all."
+    )
+    train_defaults: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Server-wide hyperparameter defaults (JSON object), under each job's own.",
+    )
+    job_heartbeat_s: float = Field(
+        15.0, gt=0, description="How often a running job writes its heartbeat."
+    )
+    job_stale_after_s: int = Field(
+        300, ge=2, description="A running job without a heartbeat this long is reaped."
+    )
+    job_max_attempts: int = Field(
+        3, ge=1, description="Most claims of one job (lost worker, transient error) before failing."
+    )
+    job_retry_delay_s: int = Field(
+        15, ge=0, description="Delay before retrying a job after a transient infrastructure error."
+    )
+    job_resend_after_s: int = Field(
+        1800, ge=10, description="A queued job idle this long has its task message re-sent."
+    )
+    reaper_interval_s: int = Field(
+        60, ge=1, description="How often the reaper looks for stale jobs."
+    )
 
     @field_validator("operator_key")
     @classmethod
@@ -106,6 +137,17 @@ class Settings(BaseSettings):
             raise ValueError("OPERATOR_KEY is a placeholder; set a real secret")
         if value is not None and len(value.get_secret_value()) < 16:
             raise ValueError("OPERATOR_KEY must be at least 16 characters")
+        return value
+
+    @field_validator("train_defaults")
+    @classmethod
+    def _valid_train_defaults(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from worker.training.config import ConfigError, TrainConfig  # pure Python, no torch
+
+        try:
+            TrainConfig.from_dict(value)
+        except (ConfigError, TypeError) as exc:
+            raise ValueError(f"TRAIN_DEFAULTS: {exc}") from exc
         return value
 
     @model_validator(mode="after")

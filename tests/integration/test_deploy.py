@@ -63,6 +63,7 @@ def test_services_are_all_there(compose: dict[str, Any]) -> None:
         "migrate",
         "api",
         "worker",
+        "ops-worker",
         "beat",
         "vllm",
         "prepare-model",
@@ -79,11 +80,12 @@ def test_every_command_refers_to_code_that_exists(compose: dict[str, Any]) -> No
     assert (ROOT / "alembic.ini").exists()
     assert services["api"]["command"][:2] == ["python", "-m"]
     assert _module_exists(services["api"]["command"][2])
-    for name in ("worker", "beat"):
+    for name in ("worker", "ops-worker", "beat"):
         command = services[name]["command"]
         assert command[0] == "celery" and command[1] == "-A"
         assert _module_exists(command[2]), command[2]
     assert "gpu" in services["worker"]["command"]
+    assert "default" in services["ops-worker"]["command"]  # the reaper and due-retrain tasks
     prepare = services["prepare-model"]["command"]
     assert prepare[:2] == ["bapo", "prepare-model"]
     from worker.cli import build_parser

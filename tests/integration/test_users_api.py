@@ -40,7 +40,8 @@ def test_invalid_user_ids_are_refused(api: Api) -> None:
     for bad in ["", "a" * 65, "has space", "slash/x", "..", ".", "ünï"]:
         response = api.http.post("/users", json={"id": bad}, headers=api.operator)
         assert_error(response, 422)
-    for bad_path in ["..", "%2E%2E", "a%20b", "x" * 65]:
+    # ("/users/.." is normalised to "/" by the HTTP client itself; the encoded forms reach us.)
+    for bad_path in ["%2E%2E", "%2e", "a%20b", "x" * 65]:
         response = api.http.get(f"/users/{bad_path}", headers=api.operator)
         assert response.status_code in (404, 422), bad_path
         assert "error" in response.json()

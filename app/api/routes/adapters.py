@@ -1,0 +1,58 @@
+"""A user's adapter versions: list, and activate one (roll back or forward)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path
+
+from app.api.deps import SessionDep, UserIdDep
+from app.api.routes.generate import HandlerDep
+from app.models import Adapter
+from app.schemas.adapters import AdapterList, AdapterOut
+from app.schemas.common import ERROR_RESPONSES
+from app.services import adapters as adapter_service
+from app.services import users as user_service
+
+router = APIRouter(prefix="/users/{user_id}/adapters", tags=["adapters"], responses=ERROR_RESPONSES)
+
+
+@router.get("", response_model=AdapterList, summary="List adapter versions")
+def list_adapters(user_id: UserIdDep, session: SessionDep) -> AdapterList:
+    """Every version with its metrics and gate result, newest first, and which one is active."""
+    return _listing(session, user_id)
+
+
+@router.post("/{version}/activate", response_model=AdapterList, summary="Activate a version")
+def activate_adapter(
+    user_id: UserIdDep,
+    session: SessionDep,
+    handler: HandlerDep,
+    version: Annotated[str, Path(max_length=12, description="`v3`, `3`, or `base` (no adapter).")],
+) -> AdapterList:
+    """Serve this version by default from the next request on (404 unknown, 409 files missing)."""
+    handler.activate(session, user_id, version)
+    return _listing(session, user_id)
+
+
+def _listing(session: SessionDep, user_id: str) -> AdapterList:
+    """The versions and the active one."""
+    rows = adapter_service.list_adapters(session, user_id)
+    active = user_service.get_user(session, user_id).active_adapter_version
+    return AdapterList(data=[_out(a, active) for a in rows], active_version=active)
+
+
+def _out(adapter: Adapter, active: int | None) -> AdapterOut:
+    """One version as the API shows it."""
+    return AdapterOut(
+        version=adapter.version,
+        name=adapter.name,
+        active=adapter.version == active,
+        available=adapter_service.is_available(adapter),
+        method=adapter.method,
+        job_id=adapter.job_id,
+        metrics=adapter.metrics,
+        gate_passed=adapter.gate_passed,
+        gate_reason=adapter.gate_reason,
+        created_at=adapter.created_at,
+    )

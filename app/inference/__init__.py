@@ -1,0 +1,80 @@
+"""Inference backends behind one interface: vLLM (production) and in-process transformers + PEFT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from app.core.config import Settings
+from app.inference.base import (
+    AdapterRef,
+    GenerationRequest,
+    GenerationResult,
+    InferenceBackend,
+    StreamDelta,
+)
+
+__all__ = [
+    "AdapterRef",
+    "GenerationRequest",
+    "GenerationResult",
+    "InferenceBackend",
+    "StreamDelta",
+    "build_backend",
+    "local_model_status",
+    "model_folder",
+    "prepare_model_folder",
+]
+
+
+def build_backend(settings: Settings) -> InferenceBackend:
+    """The backend the settings choose (nothing is loaded or connected yet)."""
+    if settings.inference_backend == "vllm":
+        from app.inference.vllm import VllmBackend
+
+        key = settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None
+        return VllmBackend(
+            settings.vllm_url,
+            settings.served_model_name,
+            api_key=key,
+            timeout_s=settings.vllm_timeout_s,
+        )
+    from app.inference.local import LocalBackend
+
+    return LocalBackend(
+        lambda: prepare_model_folder(settings),
+        settings.local_max_adapters,
+        probe=lambda: local_model_status(settings),
+        threads=settings.local_threads,
+    )
+
+
+def model_folder(settings: Settings) -> Path:
+    """The HF folder of the served base model, whether or not it has been prepared yet."""
+    from worker.training.model import BUNDLED_FOLDER
+
+    if settings.base_model == "bundled":
+        return settings.data_dir / "models" / BUNDLED_FOLDER
+    return Path(settings.base_model)
+
+
+def local_model_status(settings: Settings) -> tuple[bool, str]:
+    """(ok, detail) without loading or converting anything: can the base model be loaded?"""
+    from worker.training.model import ModelNotFoundError, bundled_gguf_dir
+
+    folder = model_folder(settings)
+    if (folder / "config.json").is_file():
+        return True, f"local: model loads on first request from {folder}"
+    if settings.base_model != "bundled":
+        return False, f"local: no model folder at {folder}"
+    try:
+        bundled_gguf_dir()
+    except ModelNotFoundError as exc:
+        return False, f"local: {exc}"
+    return True, f"local: the bundled model is converted into {folder} on first request"
+
+
+def prepare_model_folder(settings: Settings) -> Path:
+    """The base model folder, converting the bundled model on first use (slow, needs torch)."""
+    from worker.training.model import prepare_base_model
+
+    return prepare_base_model(settings.data_dir, settings.base_model)

@@ -1,0 +1,325 @@
+"""In-process backend: transformers + PEFT in the API process (the embedded default).
+
+torch, transformers and peft are imported lazily, inside the functions that need them, so the API
+imports none of them unless this backend is chosen and used. One base model is loaded once; user
+adapters live on ONE PeftModel in an LRU of `max_adapters` entries. All model work (loading, adapter
+switching, generation) runs on a single dedicated thread: that thread is the lock that makes
+concurrent requests safe, and it keeps blocking work off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from app.core.errors import ServiceUnavailable
+from app.inference.base import AdapterRef, GenerationRequest, GenerationResult, StreamDelta
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class LocalBackend:
+    """transformers + PEFT on this machine, one request at a time on the model."""
+
+    def __init__(
+        self,
+        model_dir: Callable[[], Path],
+        max_adapters: int,
+        probe: Callable[[], tuple[bool, str]] | None = None,
+        threads: int = 0,
+    ) -> None:
+        self._model_dir = model_dir
+        self._probe = probe
+        self._max_adapters = max_adapters
+        self._threads = threads
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-inference")
+        self._engine: LocalEngine | None = None
+
+    async def generate(
+        self, request: GenerationRequest, adapter: AdapterRef | None
+    ) -> GenerationResult:
+        """Generate the whole answer on the model thread."""
+        engine = await self._loaded_engine()
+        return await self._on_model_thread(engine.generate, request, adapter, None, None)
+
+    async def stream(
+        self, request: GenerationRequest, adapter: AdapterRef | None
+    ) -> AsyncIterator[StreamDelta]:
+        """Stream the answer through transformers' AsyncTextIteratorStreamer."""
+        from transformers import AsyncTextIteratorStreamer
+
+        engine = await self._loaded_engine()
+        streamer = AsyncTextIteratorStreamer(
+            engine.tokenizer, skip_prompt=True, skip_special_tokens=True
+        )
+        cancel = threading.Event()
+        job = asyncio.get_running_loop().run_in_executor(
+            self._executor, engine.generate, request, adapter, streamer, cancel
+        )
+        trimmer = StopTrimmer(request.stop)
+        try:
+            async for piece in streamer:
+                text = trimmer.feed(piece)
+                if text:
+                    yield StreamDelta(text)
+            result = await job
+        finally:
+            cancel.set()  # a client that went away stops the generation at the next token
+            job.cancel()  # or, if it is still queued, before it starts
+        yield StreamDelta(
+            trimmer.flush(), result.finish_reason, result.prompt_tokens, result.completion_tokens
+        )
+
+    async def ready(self) -> tuple[bool, str]:
+        """Ready when the model is loaded, or (per `probe`) can be loaded on first use."""
+        if self._engine is not None:
+            return True, f"local: model loaded, {len(self._engine.adapters)} adapter(s) in memory"
+        if self._probe is None:
+            return True, "local: model loads on first request"
+        return await asyncio.to_thread(self._probe)
+
+    async def loaded_adapters(self) -> set[str]:
+        """Adapters now on the model."""
+        return set(self._engine.adapters) if self._engine is not None else set()
+
+    async def unload(self, adapter_name: str) -> None:
+        """Delete the adapter from the model, after the requests queued before this call."""
+        if self._engine is not None:
+            await self._on_model_thread(self._engine.drop, adapter_name)
+
+    async def aclose(self) -> None:
+        """Stop the model thread and let the model be garbage-collected."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._engine = None
+
+    async def _loaded_engine(self) -> LocalEngine:
+        """The engine, loading the base model on first use (on the model thread)."""
+        if self._engine is None:
+            engine = await self._on_model_thread(self._load_once)
+            self._engine = engine
+        return self._engine
+
+    def _load_once(self) -> LocalEngine:
+        """Load the model unless an earlier queued call already did (runs on the model thread)."""
+        if self._engine is not None:
+            return self._engine
+        try:
+            return LocalEngine(self._model_dir(), self._max_adapters, self._threads)
+        except OSError as exc:  # ModelNotFoundError included: no folder, no bundled package
+            raise ServiceUnavailable(
+                f"The base model could not be loaded: {exc}", "model_unavailable"
+            ) from exc
+
+    async def _on_model_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn` on the single model thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+
+class LocalEngine:
+    """The loaded model, tokenizer and adapter LRU. Only ever used from the model thread."""
+
+    def __init__(self, model_dir: Path, max_adapters: int, threads: int = 0) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from worker.training.model import default_device
+
+        if threads:
+            # Small models decode faster on one thread when cores are shared (measured 7x).
+            torch.set_num_threads(threads)
+        self.tokenizer: Any = AutoTokenizer.from_pretrained(str(model_dir))
+        self.device = default_device()  # CUDA when there is one, else the CPU
+        model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        self.base: Any = model.to(self.device).eval()
+        self.peft: Any = None  # the PeftModel wrapping `base`, once an adapter is loaded
+        self.adapters: OrderedDict[str, AdapterRef] = OrderedDict()
+        self.max_adapters = max_adapters
+        log.info("local inference: loaded %s on %s", model_dir, self.device)
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        adapter: AdapterRef | None,
+        streamer: Any | None,
+        cancel: threading.Event | None,
+    ) -> GenerationResult:
+        """Generate for one request with `adapter` (None = base); feeds `streamer` if given."""
+        import torch
+        from transformers import StoppingCriteriaList
+
+        try:
+            with self._selected(adapter) as model:
+                inputs = self.tokenizer.apply_chat_template(
+                    request.messages,
+                    add_generation_prompt=True,
+                    return_tensors="pt",
+                    return_dict=True,
+                ).to(self.device)
+                if request.seed is not None:
+                    torch.manual_seed(request.seed)
+                with torch.inference_mode():
+                    output = model.generate(
+                        **inputs,
+                        generation_config=self._generation_config(request),
+                        streamer=streamer,
+                        tokenizer=self.tokenizer,
+                        stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]),
+                    )
+        finally:
+            if streamer is not None:
+                streamer.end()  # also when generation failed: the reader must not wait forever
+        new_tokens = output[0, inputs["input_ids"].shape[1] :].tolist()
+        return self._result(request, new_tokens, int(inputs["input_ids"].shape[1]))
+
+    def drop(self, name: str) -> None:
+        """Delete an adapter from the model (no-op if it is not loaded)."""
+        if self.adapters.pop(name, None) is None:
+            return
+        if self.adapters:
+            self.peft.delete_adapter(name)
+        else:
+            # PEFT cannot generate with zero adapters: unwrap back to the plain base model.
+            self.base = self.peft.unload()
+            self.peft = None
+        log.info("local inference: unloaded adapter %s", name)
+
+    @contextlib.contextmanager
+    def _selected(self, adapter: AdapterRef | None) -> Iterator[Any]:
+        """The model to call with `adapter` active (None = base: adapters disabled)."""
+        if adapter is None:
+            if self.peft is None:
+                yield self.base
+            else:
+                with self.peft.disable_adapter():
+                    yield self.peft
+            return
+        self._ensure_loaded(adapter)
+        self.peft.set_adapter(adapter.name)
+        yield self.peft
+
+    def _ensure_loaded(self, adapter: AdapterRef) -> None:
+        """Load `adapter` unless present; evict the least recently used beyond the LRU size."""
+        if adapter.name in self.adapters:
+            self.adapters.move_to_end(adapter.name)
+            return
+        self._load_adapter(adapter)
+        self.adapters[adapter.name] = adapter
+        while len(self.adapters) > self.max_adapters:
+            self.drop(next(iter(self.adapters)))
+
+    def _load_adapter(self, adapter: AdapterRef) -> None:
+        """Add the adapter's weights to the PeftModel (creating it for the first adapter)."""
+        from peft import PeftModel
+
+        try:
+            if self.peft is None:
+                self.peft = PeftModel.from_pretrained(
+                    self.base, str(adapter.path), adapter_name=adapter.name
+                )
+                self.peft.eval()
+            else:
+                self.peft.load_adapter(str(adapter.path), adapter_name=adapter.name)
+        except (OSError, ValueError) as exc:
+            raise ServiceUnavailable(
+                f"Could not load adapter {adapter.name} from {adapter.path}: {exc}",
+                "adapter_load_failed",
+            ) from exc
+        log.info("local inference: loaded adapter %s from %s", adapter.name, adapter.path)
+
+    def _generation_config(self, request: GenerationRequest) -> Any:
+        """Greedy when temperature is 0, else nucleus sampling; nothing else is inherited."""
+        config = copy.deepcopy(self.base.generation_config)
+        config.max_new_tokens = request.max_tokens
+        config.do_sample = not request.greedy
+        config.temperature = None if request.greedy else request.temperature
+        config.top_p = None if request.greedy else request.top_p
+        config.top_k = None  # vLLM and OpenAI apply no top-k unless asked
+        config.stop_strings = list(request.stop) or None
+        return config
+
+    def _result(
+        self, request: GenerationRequest, new_tokens: list[int], prompt_tokens: int
+    ) -> GenerationResult:
+        """Decode, cut at a stop string (which is not returned, as in vLLM), and count."""
+        eos = set(_as_list(self.base.generation_config.eos_token_id))
+        hit_eos = bool(new_tokens) and new_tokens[-1] in eos
+        text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
+        cut = first_stop(text, request.stop)
+        if cut is not None:
+            text = text[:cut]
+        stopped = hit_eos or cut is not None or len(new_tokens) < request.max_tokens
+        return GenerationResult(
+            text, "stop" if stopped else "length", prompt_tokens, len(new_tokens)
+        )
+
+
+class _Cancelled:
+    """A stopping criterion: stop when the request's cancel event is set."""
+
+    def __init__(self, event: threading.Event | None) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
+        return self.event is not None and self.event.is_set()
+
+
+class StopTrimmer:
+    """Cuts streamed text at the first stop string, holding back what could begin one."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = stops
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        """The text that is safe to send now."""
+        if self.stopped:
+            return ""
+        self.pending += piece
+        cut = first_stop(self.pending, self.stops)
+        if cut is not None:
+            self.stopped = True
+            out, self.pending = self.pending[:cut], ""
+            return out
+        keep = _partial_stop_length(self.pending, self.stops)
+        out = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(out) :]
+        return out
+
+    def flush(self) -> str:
+        """What was held back, at the end of the generation."""
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        return out
+
+
+def first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    """Index of the earliest stop string in `text`, or None."""
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _partial_stop_length(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+    best = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:size]):
+                best = size
+                break
+    return best
+
+
+def _as_list(value: int | list[int] | None) -> list[int]:
+    """eos_token_id may be an int, a list, or None."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else list(value)

@@ -1,0 +1,26 @@
+"""Adapter version shapes."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class AdapterOut(BaseModel):
+    version: int
+    name: str = Field(description="Immutable serving name, `user-<id>-v<N>`.")
+    active: bool = Field(description='Served for `adapter: "active"` (the default).')
+    available: bool = Field(description="Its files are present, so it can be served.")
+    method: str
+    job_id: str | None
+    metrics: dict[str, Any] | None = Field(description="Evaluation metrics from training.")
+    gate_passed: bool = Field(description="Whether it passed the knowledge-retention gate.")
+    gate_reason: str | None
+    created_at: datetime
+
+
+class AdapterList(BaseModel):
+    data: list[AdapterOut] = Field(description="Newest version first.")
+    active_version: int | None = Field(description="None: the base model is served.")

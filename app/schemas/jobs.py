@@ -1,0 +1,93 @@
+"""Training-job shapes: the train request, a job, its events."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from app.schemas.common import StrictModel
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class TrainRequest(StrictModel):
+    """Start a training job for the user (everything optional)."""
+
+    method: Literal["bapo", "dpo"] | None = Field(
+        None, description="`bapo` (default) or the `dpo` baseline (anchor weight 0)."
+    )
+    hyperparameters: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "Overrides of the training hyperparameters, e.g. `beta`, `anchor_weight`, "
+            "`anchor_form` (hinge|sigmoid), `learning_rate`, `epochs`, `max_steps`, `batch_size`, "
+            "`lora_rank` (1, 8, 16, 32, 64, ...), `lora_alpha`, `lora_dropout`, `seed`, "
+            "`max_prompt_tokens`, `max_response_tokens`, `base_max_new_tokens`. Unknown keys are "
+            "refused; the job shows every resolved value."
+        ),
+    )
+
+
+class GateOut(BaseModel):
+    """The retention gate's verdict on the job's adapter."""
+
+    passed: bool
+    reason: str | None = Field(None, description="Why the adapter was not activated.")
+    retention_delta: float | None = Field(None, description="Adapter minus base MC accuracy.")
+    anchor_logratio: float | None = Field(None, description="Mean log-ratio on base responses.")
+
+
+class JobOut(BaseModel):
+    """A training job (status values as OpenAI's fine-tuning jobs)."""
+
+    object: Literal["training_job"] = "training_job"
+    id: str
+    user_id: str
+    status: JobStatus
+    method: str
+    trigger: str = Field(description="`api` (POST .../train) or `schedule` (periodic retraining).")
+    hyperparameters: dict[str, Any]
+    pair_count: int = Field(description="Pairs the job trains on (those up to `last_pair_id`).")
+    last_pair_id: int | None
+    phase: str | None = Field(None, description="What a running job is doing now.")
+    progress: float = Field(description="Fraction of training steps done, 0..1.")
+    attempts: int = Field(description="How many times a worker claimed the job.")
+    cancel_requested: bool
+    error: str | None
+    metrics: dict[str, Any] | None = Field(None, description="Final metrics of a finished job.")
+    gate: GateOut | None = None
+    adapter_version: int | None = Field(None, description="The version this job published.")
+    created_at: datetime
+    started_at: datetime | None
+    heartbeat_at: datetime | None
+    finished_at: datetime | None
+    duration_s: float | None = Field(None, description="finished_at (or now) minus started_at.")
+
+
+class JobEventOut(BaseModel):
+    """One event of a job: a training step's metrics, a phase change, a status change."""
+
+    id: int
+    job_id: str
+    kind: Literal["step", "phase", "status", "gate"]
+    step: int | None
+    data: dict[str, Any]
+    created_at: datetime
+
+
+class JobPage(BaseModel):
+    """Jobs, newest first."""
+
+    data: list[JobOut]
+    has_more: bool
+    next_cursor: str | None = Field(None, description="Pass as `cursor` to get the next page.")
+
+
+class JobEventPage(BaseModel):
+    """Events, oldest first; poll with `after` = the last id you saw (`next_cursor`)."""
+
+    data: list[JobEventOut]
+    has_more: bool
+    next_cursor: str | None = Field(None, description="Pass as `after` for the next page.")

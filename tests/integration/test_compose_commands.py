@@ -1,0 +1,157 @@
+"""The exact commands the compose services run, run here against real Postgres and Redis."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.support import OPERATOR_KEY, free_port, postgres_database
+from tests.worker_support import REPO_ROOT, flushed_redis_url, model_dir
+
+pytestmark = pytest.mark.slow
+BIN = REPO_ROOT / ".venv" / "bin"
+
+
+def _compose_services() -> dict[str, Any]:
+    text = (REPO_ROOT / "docker-compose.yml").read_text()
+    text = re.sub(r"\$\{[A-Z_]+:\?[^}]*\}", "x", text)  # required secrets: any value
+    text = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", text)  # defaults
+    return dict(yaml.safe_load(text)["services"])
+
+
+def _local(command: list[str]) -> list[str]:
+    """The container command with its executable taken from this checkout's virtualenv."""
+    return [str(BIN / command[0]), *command[1:]]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The compose app environment, pointed at a fresh Postgres database and the test Redis."""
+    data_dir = tmp_path_factory.mktemp("compose-data")
+    with postgres_database(migrate=False) as url:
+        yield {
+            **{k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")},
+            "DATABASE_URL": url,
+            "BROKER_URL": flushed_redis_url(),
+            "OPERATOR_KEY": OPERATOR_KEY,
+            "DATA_DIR": str(data_dir),
+            "ADAPTER_DIR": str(data_dir / "adapters"),
+            "BASE_MODEL": str(model_dir()),
+            "INFERENCE_BACKEND": "local",
+            "LOG_JSON": "true",
+            "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1",
+        }
+
+
+def _start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    out = log.open("wb")
+    return subprocess.Popen(
+        _local(command),
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _wait_for(predicate: Any, timeout: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{what} did not happen; log:\n{log.read_text()[-3000:]}")
+
+
+def test_migrate_then_api_then_workers_and_beat(env: dict[str, str], tmp_path: Path) -> None:
+    services = _compose_services()
+    migrate = subprocess.run(
+        _local(services["migrate"]["command"]),
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert migrate.returncode == 0, migrate.stderr
+
+    port = free_port()
+    api_env = {**env, "HOST": "127.0.0.1", "PORT": str(port)}
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        api_log = tmp_path / "api.log"
+        procs.append(_start(services["api"]["command"], api_env, api_log))
+        base = f"http://127.0.0.1:{port}"
+        _wait_for(lambda: _ok(f"{base}/healthz"), 60, "api /healthz", api_log)
+        logs = {}
+        for name in ("worker", "ops-worker", "beat"):
+            logs[name] = tmp_path / f"{name}.log"
+            procs.append(_start(services[name]["command"], env, logs[name]))
+        for name, node in (("worker", "gpu@"), ("ops-worker", "default@")):
+            _wait_for(
+                lambda node=node: _pinged(node, env), 90, f"{name} answering ping", logs[name]
+            )
+        _wait_for(
+            lambda: "beat: Starting" in logs["beat"].read_text(), 60, "beat start", logs["beat"]
+        )
+        ready = httpx.get(f"{base}/readyz", timeout=30).json()
+        assert ready["checks"]["database"]["ok"] and ready["checks"]["broker"]["ok"], ready
+        response = httpx.post(
+            f"{base}/users",
+            json={"id": "compose"},
+            headers={"Authorization": f"Bearer {OPERATOR_KEY}"},
+        )
+        assert response.status_code == 201
+        line = api_log.read_text().splitlines()[-1]
+        assert line.startswith("{") and "request_id" in line  # JSON logs with request ids
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+
+
+def _ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _pinged(node: str, env: dict[str, str]) -> bool:
+    done = subprocess.run(
+        [str(BIN / "celery"), "-A", "worker.celery_app", "inspect", "ping", "--timeout", "3"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return node in done.stdout
+
+
+def test_celery_executable_exists() -> None:
+    assert shutil.which(str(BIN / "celery")) and shutil.which(str(BIN / "alembic"))

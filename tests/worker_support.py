@@ -1,0 +1,253 @@
+"""Helpers for the training-job tests: real Celery worker processes, tiny trainings, polling.
+
+Workers are real `celery -A worker.celery_app worker` subprocesses configured by environment
+variables (the same settings the API object gets); no eager mode anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import redis
+
+from app.core.config import Settings
+from tests.support import OPERATOR_KEY
+
+T = TypeVar("T")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
+WORKER_READY_TIMEOUT_S = 90.0
+
+# A training of a few seconds on the bundled model: 2 optimizer steps over 4 short pairs.
+TINY_TRAINING: dict[str, Any] = {
+    "max_steps": 2,
+    "batch_size": 2,
+    "lora_rank": 8,
+    "max_prompt_tokens": 32,
+    "max_response_tokens": 16,
+    "base_max_new_tokens": 8,
+    "target_modules": ["q_proj", "v_proj"],
+}
+# The same, but long enough to be cancelled or killed in the middle of its steps.
+LONG_TRAINING: dict[str, Any] = {"max_steps": 200}
+
+
+def model_dir() -> Path:
+    """The bundled model folder (converted once into the repository's data/ if needed)."""
+    from worker.training.model import prepare_base_model
+
+    return prepare_base_model(Path(os.environ.get("BAPO_TEST_DATA_DIR") or REPO_ROOT / "data"))
+
+
+def flushed_redis_url() -> str:
+    """The test Redis database, emptied (it holds only this suite's queues)."""
+    redis.Redis.from_url(TEST_REDIS_URL).flushdb()
+    return TEST_REDIS_URL
+
+
+def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """Environment for a child process that reproduces these settings (plus test-friendly knobs)."""
+    env = {k: v for k, v in os.environ.items() if k.upper() not in _setting_names()}
+    for name, value in settings.model_dump(exclude_none=True).items():
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        env[name.upper()] = value if isinstance(value, str) else _env_value(value)
+    env.update(
+        {
+            "OPERATOR_KEY": OPERATOR_KEY,
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def _setting_names() -> set[str]:
+    return {name.upper() for name in Settings.model_fields}
+
+
+def _env_value(value: Any) -> str:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict | list):
+        return json.dumps(value)
+    return str(value)
+
+
+@dataclass
+class WorkerProcess:
+    """One `celery worker` subprocess, logging to a file."""
+
+    env: dict[str, str]
+    queues: str
+    log_path: Path
+    beat: bool = False
+    name: str = field(default_factory=lambda: f"test-{uuid.uuid4().hex[:8]}")
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        """Start it and wait until Celery says it is ready."""
+        command = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.celery_app",
+            "worker",
+            "-Q",
+            self.queues,
+            "--pool",
+            "solo",
+            "-n",
+            f"{self.name}@%h",
+            "--loglevel",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
+            *(["--beat"] if self.beat else []),
+        ]
+        self.offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                command, env=self.env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT
+            )
+        wait_for(
+            lambda: " ready." in self.log() or self._died(),
+            WORKER_READY_TIMEOUT_S,
+            f"worker {self.name} ready",
+        )
+        assert not self._died(), self.log()
+        return self
+
+    def _died(self) -> bool:
+        return self.process is not None and self.process.poll() is not None
+
+    def log(self) -> str:
+        """What this worker wrote so far."""
+        return self.log_path.read_bytes()[self.offset :].decode("utf-8", "replace")
+
+    def kill(self) -> None:
+        """kill -9: no shutdown code runs, the message stays unacknowledged."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def stop(self, timeout: float = 60) -> None:
+        """Warm shutdown (SIGTERM); kill if it does not exit in time."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=30)
+
+
+def wait_for(check: Callable[[], T], timeout: float, what: str, interval: float = 0.2) -> T:
+    """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
+        time.sleep(interval)
+
+
+def post_pairs(
+    http: httpx.Client, user_id: str, headers: dict[str, str], count: int = 4, topic: str = "colour"
+) -> None:
+    """Store `count` short preference pairs (same prompts in every test: the caches warm up)."""
+    pairs = [
+        {
+            "prompt": f"Name a {topic}, {i}.",
+            "chosen": f"Arr, {topic} {i}, matey!",
+            "rejected": f"The {topic} is {i}.",
+        }
+        for i in range(count)
+    ]
+    response = http.post(f"/users/{user_id}/feedback", json={"pairs": pairs}, headers=headers)
+    assert response.status_code == 201, response.text
+
+
+def get_job(
+    http: httpx.Client, user_id: str, job_id: str, headers: dict[str, str]
+) -> dict[str, Any]:
+    """GET the job (must succeed)."""
+    response = http.get(f"/users/{user_id}/train/jobs/{job_id}", headers=headers)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def events(
+    http: httpx.Client, user_id: str, job_id: str, headers: dict[str, str], kind: str | None = None
+) -> list[dict[str, Any]]:
+    """Every event of the job (follows the pages)."""
+    found: list[dict[str, Any]] = []
+    params: dict[str, Any] = {"limit": 100, **({"kind": kind} if kind else {})}
+    while True:
+        response = http.get(
+            f"/users/{user_id}/train/jobs/{job_id}/events", params=params, headers=headers
+        )
+        assert response.status_code == 200, response.text
+        page = response.json()
+        found += page["data"]
+        if not page["has_more"]:
+            return found
+        params["after"] = page["next_cursor"]
+
+
+def wait_status(
+    http: httpx.Client,
+    user_id: str,
+    job_id: str,
+    headers: dict[str, str],
+    statuses: set[str],
+    timeout: float,
+) -> dict[str, Any]:
+    """Poll the job until its status is one of `statuses`."""
+    return wait_for(
+        lambda: (job := get_job(http, user_id, job_id, headers))["status"] in statuses and job,
+        timeout,
+        f"job {job_id} to reach {statuses}",
+    )
+
+
+def version_folders(adapters_path: Path, user_id: str) -> list[str]:
+    """Names of the user's visible adapter folders (`v<N>`), hidden staging folders excluded."""
+    folder = adapters_path / user_id
+    return (
+        sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+        if folder.is_dir()
+        else []
+    )
+
+
+def hidden_entries(adapters_path: Path, user_id: str) -> list[str]:
+    """Names of hidden (staging/temp) entries in the user's adapter folder."""
+    folder = adapters_path / user_id
+    return (
+        sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+        if folder.is_dir()
+        else []
+    )

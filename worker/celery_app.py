@@ -1,0 +1,59 @@
+"""The worker's Celery app, configured from Settings (the same env vars as the API).
+
+Production (Redis broker), one training worker per GPU and one light worker for the periodic tasks:
+    celery -A worker.celery_app worker -Q gpu --concurrency 1 -n gpu0@%h
+    celery -A worker.celery_app worker -Q default -n default@%h
+    celery -A worker.celery_app beat
+Embedded (`make run`): app.embedded starts one solo worker on both queues and beat beside the API.
+
+Delivery: acks_late + prefetch 1, so a message is acknowledged only after its job ended and a worker
+holds at most the job it runs. task_reject_on_worker_lost puts a message back when a pool child
+dies; the redelivered message then finds its job `running` and does nothing (the claim is a
+conditional UPDATE), and the reaper requeues or fails the job once its heartbeat is stale. The
+visibility timeout (Redis) is above the hard time limit, so a live run is never redelivered.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init, worker_shutting_down
+
+from app.core.config import Settings, get_settings
+from app.queue import make_celery
+from worker.jobs import SHUTTING_DOWN, forget_engines
+from worker.schedule import beat_schedule
+
+
+def make_worker_app(settings: Settings) -> Celery:
+    """The Celery app with the worker's delivery guarantees and the beat schedule."""
+    celery = make_celery(settings, main="bapo")
+    celery.conf.update(
+        include=["worker.tasks"],
+        worker_prefetch_multiplier=1,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_concurrency=1,
+        worker_max_tasks_per_child=1,  # prefork: a fresh process (and GPU memory) per task
+        beat_schedule=beat_schedule(settings),
+        beat_schedule_filename=str(settings.data_dir / "celerybeat-schedule"),
+    )
+    return celery
+
+
+settings = get_settings()
+celery_app = make_worker_app(settings)
+app = celery_app  # what `celery -A worker.celery_app` looks for
+
+
+@worker_shutting_down.connect
+def _stop_running_job(**_: Any) -> None:
+    """Warm shutdown: the job running in this process stops at its next step and is requeued."""
+    SHUTTING_DOWN.set()
+
+
+@worker_process_init.connect
+def _fresh_connections(**_: Any) -> None:
+    """A forked pool child opens its own database connections."""
+    forget_engines()

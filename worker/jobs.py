@@ -1,0 +1,160 @@
+"""The worker's hold on one claimed job: fenced writes, the heartbeat, and the engine's callbacks.
+
+Every write goes through the claim fence (see app.services.jobs); when a write matches nothing the
+job was taken away (reaped, user deleted) and the run stops at the next step without publishing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import kombu.exceptions
+import redis.exceptions
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.core.config import Settings
+from app.core.db import make_engine, make_sessionmaker, transaction
+from app.services import jobs as job_service
+from app.services.jobs import Claim, JobSignals
+
+log = logging.getLogger(__name__)
+
+# Infrastructure errors worth retrying: the database or the broker did not answer.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OperationalError,
+    InterfaceError,
+    kombu.exceptions.OperationalError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    ConnectionError,
+    TimeoutError,
+)
+# Set when the worker starts a warm shutdown: the running job stops and goes back to the queue.
+SHUTTING_DOWN = threading.Event()
+_FACTORIES: dict[str, sessionmaker[Session]] = {}
+_FACTORIES_LOCK = threading.Lock()
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for a lost database/broker connection (retry), False for anything else (fail)."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, TRANSIENT_ERRORS)
+
+
+def session_factory(settings: Settings) -> sessionmaker[Session]:
+    """This process's sessionmaker for the configured database (made on first use, after fork)."""
+    with _FACTORIES_LOCK:
+        if settings.database_url not in _FACTORIES:
+            _FACTORIES[settings.database_url] = make_sessionmaker(make_engine(settings))
+        return _FACTORIES[settings.database_url]
+
+
+def forget_engines() -> None:
+    """Drop engines inherited over a fork (a child must open its own connections)."""
+    with _FACTORIES_LOCK:
+        _FACTORIES.clear()
+
+
+def finite(value: Any) -> Any:
+    """JSON-safe metrics: NaN/inf become None (Postgres' JSON refuses them), recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+class JobStopped(Exception):
+    """The run must stop now (cancel requested, claim lost, time limit, shutdown)."""
+
+
+class RunningJob:
+    """One claimed job as the runner drives it."""
+
+    def __init__(self, factory: sessionmaker[Session], settings: Settings, claim: Claim) -> None:
+        self.factory = factory
+        self.settings = settings
+        self.claim = claim
+        self.deadline = time.monotonic() + settings.job_time_limit_s
+        self.total_steps = 0
+        self.lost = False
+        self.cancel_requested = False
+
+    def _write(self, change: Callable[[Session], JobSignals | None]) -> None:
+        """Apply one fenced change in its own short transaction and note what it says."""
+        with transaction(self.factory) as session:
+            signals = change(session)
+        if signals is None:
+            self.lost = True
+        elif signals.cancel_requested:
+            self.cancel_requested = True
+
+    def on_phase(self, phase: str) -> None:
+        """Engine callback: record the phase, then stop here if asked to."""
+        self._write(lambda s: job_service.record_phase(s, self.claim, phase))
+        self.check_stop()
+
+    def on_step(self, record: dict[str, Any]) -> None:
+        """Engine callback: one training step's metrics → a job event + progress."""
+        step = int(record.get("step", 0))
+        progress = step / self.total_steps if self.total_steps else 0.0
+        metrics = finite(record)
+        self._write(lambda s: job_service.record_step(s, self.claim, step, metrics, progress))
+
+    def beat(self) -> None:
+        """Write the heartbeat (and learn about cancellation)."""
+        self._write(lambda s: job_service.heartbeat(s, self.claim))
+
+    def stop_reason(self) -> str | None:
+        """Why the run must stop, or None: lost > cancelled > time limit > shutdown."""
+        if self.lost:
+            return "lost"
+        if self.cancel_requested:
+            return "cancelled"
+        if time.monotonic() > self.deadline:
+            return "time_limit"
+        return "shutdown" if SHUTTING_DOWN.is_set() else None
+
+    def should_stop(self) -> bool:
+        """Engine callback, checked between steps."""
+        return self.stop_reason() is not None
+
+    def check_stop(self) -> None:
+        """Raise JobStopped when the run must stop."""
+        reason = self.stop_reason()
+        if reason is not None:
+            raise JobStopped(reason)
+
+    @contextmanager
+    def heartbeat(self) -> Iterator[None]:
+        """Beat every job_heartbeat_s in a thread while the block runs."""
+        done = threading.Event()
+        thread = threading.Thread(
+            target=self._beat_until,
+            args=(done,),
+            daemon=True,
+            name=f"heartbeat-{self.claim.job_id}",
+        )
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join(timeout=10)
+
+    def _beat_until(self, done: threading.Event) -> None:
+        while not done.wait(self.settings.job_heartbeat_s):
+            try:
+                self.beat()
+            except TRANSIENT_ERRORS as exc:  # the reaper acts if this lasts job_stale_after_s
+                log.warning("heartbeat of job %s failed: %s", self.claim.job_id, exc)
