@@ -166,6 +166,15 @@ class Adapter(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class AdapterVersionFloor(Base):
+    """The highest adapter version a user id ever had; kept when the user is deleted."""
+
+    __tablename__ = "adapter_version_floors"
+
+    user_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_version: Mapped[int] = mapped_column(Integer)
+
+
 class BaseResponse(Base):
     """The base model's own answer to a prompt: keyed by (base model, prompt), not by user."""
 

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from app.core.errors import Conflict, InvalidRequest, NotFound
 from app.inference.base import AdapterRef
-from app.models import Adapter
+from app.models import Adapter, AdapterVersionFloor
 from app.services import users as user_service
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -57,7 +57,8 @@ def parse_selector(text: str) -> str | int:
 def next_version(session: Session, user_id: str) -> int:
     """The version number the user's next adapter gets (1 for the first)."""
     latest = session.scalar(select(func.max(Adapter.version)).where(Adapter.user_id == user_id))
-    return int(latest or 0) + 1
+    floor = session.get(AdapterVersionFloor, user_id)
+    return max(int(latest or 0), floor.last_version if floor else 0) + 1
 
 
 def register_adapter(

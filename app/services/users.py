@@ -17,6 +17,7 @@ from app.core.errors import Conflict, NotFound
 from app.core.security import generate_api_key, hash_key, validate_user_id
 from app.models import (
     Adapter,
+    AdapterVersionFloor,
     ApiKey,
     IdempotencyRecord,
     JobEvent,
@@ -79,6 +80,7 @@ def list_users(session: Session, limit: int, after: str | None) -> list[User]:
 def delete_user(session: Session, user_id: str, adapter_root: Path) -> None:
     """Erase the user: pairs, keys, jobs, events, adapters, and (after commit) adapter files."""
     get_user(session, user_id)
+    _keep_version_floor(session, user_id)
     job_ids = select(TrainingJob.id).where(TrainingJob.user_id == user_id)
     session.execute(delete(JobEvent).where(JobEvent.job_id.in_(job_ids)))
     for model in (TrainingJob, Adapter, PreferencePair, IdempotencyRecord, ApiKey):
@@ -86,6 +88,18 @@ def delete_user(session: Session, user_id: str, adapter_root: Path) -> None:
     session.execute(delete(User).where(User.id == user_id))
     folder = adapter_root / user_id
     after_commit(session, lambda: shutil.rmtree(folder, ignore_errors=True))
+
+
+def _keep_version_floor(session: Session, user_id: str) -> None:
+    """Remember the user's last adapter version so a re-created user never reuses its names."""
+    latest = session.scalar(select(func.max(Adapter.version)).where(Adapter.user_id == user_id))
+    if latest is None:
+        return
+    floor = session.get(AdapterVersionFloor, user_id)
+    if floor is None:
+        session.add(AdapterVersionFloor(user_id=user_id, last_version=latest))
+    else:
+        floor.last_version = max(floor.last_version, latest)
 
 
 def user_for_key(session: Session, key: str) -> str | None:

@@ -142,3 +142,14 @@ def test_register_refuses_incomplete_folders_and_unknown_users(
                 gate_reason=None,
             )
         assert adapter_service.next_version(session, user_id) == 1
+
+
+def test_a_recreated_user_never_reuses_adapter_names(live_server: LiveServer, api: Api) -> None:
+    user_id, headers = api.create_user(unique("again"))
+    publish(live_server, user_id)
+    publish(live_server, user_id)
+    assert api.http.delete(f"/users/{user_id}", headers=headers).status_code == 204
+    _, headers = api.create_user(user_id)
+    publish(live_server, user_id)  # asserts the version it gets, below
+    versions = [a["version"] for a in listing(api, user_id, headers)["data"]]  # type: ignore[index]
+    assert versions == [3]
