@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from app.core.errors import AppError
+from worker.ops_cli import add_operator_commands
 from worker.training.artifacts import AdapterExistsError, check_out_dir
 from worker.training.cache import CacheFileError, JsonFileCache
 from worker.training.config import ANCHOR_FORMS, METHODS, ConfigError, TrainConfig
@@ -48,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(subparsers)
     _add_eval(subparsers)
     _add_prepare_model(subparsers)
+    add_operator_commands(subparsers)
     return parser
 
 
@@ -63,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, *INPUT_ERRORS) as exc:
         print(f"bapo {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except AppError as exc:  # operator commands: unknown user, existing user, bad export...
+        print(f"bapo {args.command}: error: {exc.message}", file=sys.stderr)
+        return EXIT_BAD_INPUT if exc.status_code in (400, 422) else 1
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:

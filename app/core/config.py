@@ -54,25 +54,31 @@ class Settings(BaseSettings):
     max_batch_pairs: int = Field(100, ge=1, description="Most pairs in one feedback request.")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body (413 above).")
     max_metadata_bytes: int = Field(4096, ge=0, description="Largest metadata object, as JSON.")
-    page_size_default: int = Field(20, ge=1)
-    page_size_max: int = Field(100, ge=1)
+    page_size_default: int = Field(
+        20, ge=1, description="Page size when a request sets no `limit`."
+    )
+    page_size_max: int = Field(100, ge=1, description="Largest page size.")
 
     # --- server --------------------------------------------------------------------------------
-    host: str = "127.0.0.1"
-    port: int = 8000
-    log_level: str = "INFO"
+    host: str = Field("127.0.0.1", description="Address the API binds to (0.0.0.0 in containers).")
+    port: int = Field(8000, description="Port the API listens on.")
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
     log_json: bool = Field(True, description="Structured JSON logs.")
     cors_origins: list[str] = Field(
         default_factory=list, description="Allowed CORS origins; none by default."
     )
 
     # --- inference -----------------------------------------------------------------------------
-    inference_backend: Literal["local", "vllm"] = "local"
+    inference_backend: Literal["local", "vllm"] = Field(
+        "local", description="`local` (transformers + PEFT in the API process) or `vllm`."
+    )
     vllm_url: str = Field(
         "http://127.0.0.1:8001", description="Base URL of the vLLM OpenAI server."
     )
-    vllm_api_key: SecretStr | None = None
-    vllm_timeout_s: float = 120.0
+    vllm_api_key: SecretStr | None = Field(
+        None, description="Bearer token if vLLM runs with --api-key."
+    )
+    vllm_timeout_s: float = Field(120.0, gt=0, description="Read timeout of one vLLM request.")
     local_max_adapters: int = Field(4, ge=1, description="LRU size of the in-process backend.")
     local_threads: int = Field(
         0, ge=0, description="torch threads of the in-process backend (process-wide); 0 = torch's."
@@ -84,7 +90,7 @@ class Settings(BaseSettings):
     )
 
     # --- training ------------------------------------------------------------------------------
-    min_pairs_to_train: int = Field(4, ge=1)
+    min_pairs_to_train: int = Field(4, ge=1, description="Fewer pairs: 422 not_enough_pairs.")
     job_time_limit_s: int = Field(
         6 * 3600, ge=10, description="Hard time limit of one training job."
     )
@@ -94,7 +100,7 @@ class Settings(BaseSettings):
     retrain_min_new_pairs: int = Field(
         20, ge=1, description="New pairs since the last successful job to be due."
     )
-    retrain_max_per_tick: int = Field(10, ge=1)
+    retrain_max_per_tick: int = Field(10, ge=1, description="Most jobs one scheduler tick starts.")
     gate_min_retention_delta: float = Field(
         -0.05, description="Adapter MC accuracy minus base accuracy must be at least this."
     )
