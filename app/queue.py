@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.core.db import after_commit
+from app.core.middleware import request_id_var
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,11 @@ def producer(settings: Settings) -> Celery:
 
 def send_training(settings: Settings, job_id: str, countdown: float | None = None) -> None:
     """Send the training task for one job now (in a transaction, use enqueue_training)."""
-    producer(settings).send_task(TRAIN_TASK, args=[job_id], queue=GPU_QUEUE, countdown=countdown)
+    # The request id travels in a message header, so the worker's logs about this job carry it.
+    headers = {"request_id": request_id_var.get()}
+    producer(settings).send_task(
+        TRAIN_TASK, args=[job_id], queue=GPU_QUEUE, countdown=countdown, headers=headers
+    )
     log.info("sent %s for job %s", TRAIN_TASK, job_id)
 
 

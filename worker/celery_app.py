@@ -18,9 +18,17 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_shutting_down
+from celery.signals import (
+    setup_logging,
+    task_postrun,
+    task_prerun,
+    worker_process_init,
+    worker_shutting_down,
+)
 
 from app.core.config import Settings, get_settings
+from app.core.logging import configure_logging
+from app.core.middleware import request_id_var
 from app.queue import make_celery
 from worker.jobs import SHUTTING_DOWN, forget_engines
 from worker.schedule import beat_schedule
@@ -45,6 +53,24 @@ def make_worker_app(settings: Settings) -> Celery:
 settings = get_settings()
 celery_app = make_worker_app(settings)
 app = celery_app  # what `celery -A worker.celery_app` looks for
+
+
+@setup_logging.connect
+def _json_logs(**_: Any) -> None:
+    """Worker and beat log like the API: JSON lines with the request id (LOG_JSON, LOG_LEVEL)."""
+    configure_logging(settings.log_level, settings.log_json)
+
+
+@task_prerun.connect
+def _bind_request_id(task: Any = None, **_: Any) -> None:
+    """Carry the request id of the API call that enqueued this task into the task's logs."""
+    request_id = getattr(task.request, "request_id", None) if task is not None else None
+    request_id_var.set(request_id if isinstance(request_id, str) else None)
+
+
+@task_postrun.connect
+def _unbind_request_id(**_: Any) -> None:
+    request_id_var.set(None)
 
 
 @worker_shutting_down.connect

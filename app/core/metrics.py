@@ -121,7 +121,7 @@ def _last_job_metrics(
     if started is not None and finished is not None:
         duration.add_metric([], (finished - started).total_seconds())
         yield duration
-    tokens_per_second = (metrics or {}).get("tokens_per_second")
+    tokens_per_second = (metrics or {}).get("tokens_per_s")  # TrainResult.tokens_per_s
     if isinstance(tokens_per_second, int | float):
         speed.add_metric([], float(tokens_per_second))
         yield speed

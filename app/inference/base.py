@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -54,9 +54,14 @@ class StreamDelta:
     completion_tokens: int | None = None
 
 
+AdapterLoadObserver = Callable[[float], None]
+
+
 @runtime_checkable
 class InferenceBackend(Protocol):
     """What the generate service needs from an inference engine (adapter None = the base model)."""
+
+    on_adapter_load: AdapterLoadObserver | None  # called with the seconds each adapter load took
 
     async def generate(
         self, request: GenerationRequest, adapter: AdapterRef | None

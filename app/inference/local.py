@@ -14,6 +14,7 @@ import contextlib
 import copy
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from app.core.errors import ServiceUnavailable
-from app.inference.base import AdapterRef, GenerationRequest, GenerationResult, StreamDelta
+from app.inference.base import (
+    AdapterLoadObserver,
+    AdapterRef,
+    GenerationRequest,
+    GenerationResult,
+    StreamDelta,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -38,6 +45,7 @@ class LocalBackend:
         threads: int = 0,
     ) -> None:
         self._model_dir = model_dir
+        self.on_adapter_load: AdapterLoadObserver | None = None
         self._probe = probe
         self._max_adapters = max_adapters
         self._threads = threads
@@ -113,11 +121,13 @@ class LocalBackend:
         if self._engine is not None:
             return self._engine
         try:
-            return LocalEngine(self._model_dir(), self._max_adapters, self._threads)
+            engine = LocalEngine(self._model_dir(), self._max_adapters, self._threads)
         except OSError as exc:  # ModelNotFoundError included: no folder, no bundled package
             raise ServiceUnavailable(
                 f"The base model could not be loaded: {exc}", "model_unavailable"
             ) from exc
+        engine.on_adapter_load = self.on_adapter_load
+        return engine
 
     async def _on_model_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn` on the single model thread."""
@@ -133,6 +143,7 @@ class LocalEngine:
 
         from worker.training.model import default_device
 
+        self.on_adapter_load: AdapterLoadObserver | None = None
         if threads:
             # Small models decode faster on one thread when cores are shared (measured 7x).
             torch.set_num_threads(threads)
@@ -211,8 +222,11 @@ class LocalEngine:
         if adapter.name in self.adapters:
             self.adapters.move_to_end(adapter.name)
             return
+        started = time.perf_counter()
         self._load_adapter(adapter)
         self.adapters[adapter.name] = adapter
+        if self.on_adapter_load is not None:
+            self.on_adapter_load(time.perf_counter() - started)
         while len(self.adapters) > self.max_adapters:
             self.drop(next(iter(self.adapters)))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
@@ -20,7 +21,13 @@ from typing import Any
 import httpx
 
 from app.core.errors import AppError, BadRequest, RateLimited, ServiceUnavailable
-from app.inference.base import AdapterRef, GenerationRequest, GenerationResult, StreamDelta
+from app.inference.base import (
+    AdapterLoadObserver,
+    AdapterRef,
+    GenerationRequest,
+    GenerationResult,
+    StreamDelta,
+)
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5.0
@@ -54,6 +61,7 @@ class VllmBackend:
         self._in_flight: Counter[str] = Counter()
         self._retiring: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.on_adapter_load: AdapterLoadObserver | None = None
 
     async def generate(
         self, request: GenerationRequest, adapter: AdapterRef | None
@@ -135,8 +143,11 @@ class VllmBackend:
         async with self._lock(adapter.name):
             if adapter.name in self._loaded and not reload:
                 return
+            started = time.perf_counter()
             await self._load(adapter)
             self._loaded.add(adapter.name)
+            if self.on_adapter_load is not None:
+                self.on_adapter_load(time.perf_counter() - started)
 
     async def _load(self, adapter: AdapterRef) -> None:
         """POST /v1/load_lora_adapter; "already loaded" counts as success."""

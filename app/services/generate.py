@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.core.db import after_commit
 from app.core.errors import AppError, InvalidRequest, NotFound, ServiceUnavailable, error_body
+from app.core.metrics import Metrics
 from app.core.security import Principal, validate_user_id
 from app.inference import InferenceBackend, build_backend, model_folder
 from app.inference.base import GenerationRequest, GenerationResult, StreamDelta
@@ -65,6 +66,8 @@ class GenerateHandler:
         self._active: dict[str, str | None] = {}  # user → adapter name last served as active
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.metrics: Metrics | None = None
+        self.backend_name = settings.inference_backend
 
     def start(self) -> None:
         """Remember the event loop, so after-commit callbacks (in threads) can schedule unloads."""
@@ -133,16 +136,37 @@ class GenerateHandler:
 
     async def complete(self, call: GenerateCall) -> GenerationResult:
         """The whole answer."""
-        return await self.backend.generate(call.request, call.served.adapter)
+        started = time.perf_counter()
+        result = await self.backend.generate(call.request, call.served.adapter)
+        self._observe_speed(started, result.completion_tokens)
+        return result
+
+    def _observe_speed(self, started: float, completion_tokens: int | None) -> None:
+        elapsed = time.perf_counter() - started
+        if self.metrics is not None and completion_tokens:
+            self.metrics.generated_tokens.labels(self.backend_name).inc(completion_tokens)
+            if elapsed > 0:
+                speed = completion_tokens / elapsed
+                self.metrics.generate_tokens_per_second.labels(self.backend_name).observe(speed)
 
     async def event_stream(
         self, call: GenerateCall, *, include_usage: bool, extra: dict[str, Any] | None = None
     ) -> StreamingResponse:
         """SSE of chat.completion.chunk events; errors before the first token stay HTTP errors."""
+        started = time.perf_counter()
         deltas = aiter(self.backend.stream(call.request, call.served.adapter))
         first = await anext(deltas)  # a 503/4xx here is still an ordinary error response
+        if self.metrics is not None:
+            ttft = time.perf_counter() - started
+            self.metrics.time_to_first_token.labels(self.backend_name).observe(ttft)
         chunks = ChunkWriter(call.served.model_id, extra or {})
-        events = _sse_events(first, deltas, chunks, include_usage)
+        events = _sse_events(
+            first,
+            deltas,
+            chunks,
+            include_usage,
+            on_done=lambda tokens: self._observe_speed(started, tokens),
+        )
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
 
     # --- retiring adapters ---------------------------------------------------------------------
@@ -275,7 +299,11 @@ def _event(data: dict[str, Any]) -> str:
 
 
 async def _sse_events(
-    first: StreamDelta, rest: AsyncIterator[StreamDelta], chunks: ChunkWriter, include_usage: bool
+    first: StreamDelta,
+    rest: AsyncIterator[StreamDelta],
+    chunks: ChunkWriter,
+    include_usage: bool,
+    on_done: Callable[[int | None], None] | None = None,
 ) -> AsyncIterator[str]:
     """Role chunk, content chunks, finish chunk, optional usage chunk, then `[DONE]`."""
     yield chunks.delta({"role": "assistant", "content": ""})
@@ -294,6 +322,8 @@ async def _sse_events(
     finally:
         await _close(rest)
     yield chunks.delta({}, last.finish_reason or "stop")
+    if on_done is not None:
+        on_done(last.completion_tokens)
     if include_usage:
         yield chunks.usage(last.prompt_tokens or 0, last.completion_tokens or 0)
     yield "data: [DONE]\n\n"
@@ -365,6 +395,15 @@ def install_inference(app: FastAPI, settings: Settings) -> GenerateHandler:
     backend = build_backend(settings)
     counter = PromptTokenCounter(lambda: model_folder(settings))
     handler = GenerateHandler(backend, settings, counter)
+    metrics: Metrics = app.state.metrics
+    handler.metrics = metrics
+    kind = settings.inference_backend
+
+    def observe_load(seconds: float) -> None:
+        metrics.adapter_loads.labels(kind).inc()
+        metrics.adapter_load_seconds.labels(kind).observe(seconds)
+
+    backend.on_adapter_load = observe_load
     app.state.inference = backend
     app.state.generate_handler = handler
     app.state.ready_checks["inference"] = backend.ready

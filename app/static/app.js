@@ -328,8 +328,7 @@ async function onChatSubmit(event) {
   try {
     const result = await generate(body, (piece) => reply.body.append(piece), controller.signal);
     if (result.text) state.chat.messages.push({ role: "assistant", content: result.text });
-    const source = result.adapter || (adapter === "base" ? "base" : "personalized");
-    reply.meta.textContent = `${source} · ${result.finish || "done"}`;
+    reply.meta.textContent = `${servedBy(result.adapter, adapter)} · ${result.finish || "done"}`;
   } catch (err) {
     if (err.name === "AbortError") {
       const partial = reply.body.textContent;
@@ -362,6 +361,15 @@ function onChatKey(event) {
   }
 }
 
+/** Who answered, in words: "personalized v3", "base model", or base because there is no adapter. */
+function servedBy(reported, requested) {
+  if (reported && reported !== "base") return `personalized ${reported}`;
+  if (requested === "active" && (reported === "base" || !state.user?.active_adapter_version)) {
+    return "base model (no active adapter yet)";
+  }
+  return requested === "base" || reported === "base" ? "base model" : "personalized";
+}
+
 // --- compare and pick -----------------------------------------------------------------------------
 
 function resetCompare() {
@@ -369,6 +377,7 @@ function resetCompare() {
   for (const side of ["a", "b"]) {
     $(`answer-${side}-text`).textContent = "";
     $(`answer-${side}-source`).textContent = "";
+    $(`answer-${side}`).classList.remove("chosen");
   }
   setPickEnabled(false, false);
   $("pick-result").textContent = "";
@@ -473,7 +482,9 @@ async function pick(winner) {
     revealSources();
     await refreshUser();
     const pairId = stored && stored.pairs && stored.pairs[0] ? ` #${stored.pairs[0].id}` : "";
-    const count = state.user ? ` You now have ${state.user.pair_count} pairs.` : "";
+    const n = state.user ? state.user.pair_count : null;
+    const count = n === null ? "" : ` You now have ${n} pair${n === 1 ? "" : "s"}.`;
+    $(`answer-${winner}`).classList.add("chosen");
     $("pick-result").textContent =
       `Saved pair${pairId}: answer ${winner.toUpperCase()} (${chosen.label}) preferred.${count}`;
     loadPairs();
@@ -802,7 +813,7 @@ function adapterRow(adapter, active) {
     h("td", { text: e.preference === undefined ? "—" : `${pct(e.preference)} (${e.preferenceSplit})` }),
     h("td", { text: retention }),
     h("td", { text: e.drift === undefined ? "—" : `${fmt(e.drift)} nats` }),
-    h("td", { text: gate }),
+    h("td", { cls: "wrap", text: gate }),
     h("td", {}, isActive ? h("span", { cls: "badge status-succeeded", text: "active" })
       : h("span", { text: adapter.available === false ? "files missing" : "available" })),
     h("td", {}, action));

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from tests.support import OPERATOR_KEY, free_port, postgres_database
-from tests.worker_support import REPO_ROOT, flushed_redis_url, model_dir
+from tests.worker_support import REPO_ROOT, TINY_TRAINING, flushed_redis_url, model_dir
 
 pytestmark = pytest.mark.slow
 BIN = REPO_ROOT / ".venv" / "bin"
@@ -120,17 +120,67 @@ def test_migrate_then_api_then_workers_and_beat(env: dict[str, str], tmp_path: P
         )
         ready = httpx.get(f"{base}/readyz", timeout=30).json()
         assert ready["checks"]["database"]["ok"] and ready["checks"]["broker"]["ok"], ready
-        response = httpx.post(
-            f"{base}/users",
-            json={"id": "compose"},
-            headers={"Authorization": f"Bearer {OPERATOR_KEY}"},
-        )
-        assert response.status_code == 201
+        _train_through_the_stack(base, logs["worker"])
+        _generate_and_scrape(base)
         line = api_log.read_text().splitlines()[-1]
         assert line.startswith("{") and "request_id" in line  # JSON logs with request ids
     finally:
         for proc in reversed(procs):
             _stop(proc)
+
+
+def _train_through_the_stack(base: str, worker_log: Path) -> None:
+    """Feedback -> train on the compose worker; its logs carry the API request's id."""
+    operator = {"Authorization": f"Bearer {OPERATOR_KEY}"}
+    assert httpx.post(f"{base}/users", json={"id": "compose"}, headers=operator).status_code == 201
+    pairs = [
+        {"prompt": f"Question {i}?", "chosen": f"A kind answer {i}.", "rejected": "No."}
+        for i in range(4)
+    ]
+    stored = httpx.post(f"{base}/users/compose/feedback", json={"pairs": pairs}, headers=operator)
+    assert stored.status_code == 201
+    started = httpx.post(
+        f"{base}/users/compose/train",
+        json={"hyperparameters": TINY_TRAINING},
+        headers={**operator, "X-Request-ID": "compose-request-1"},
+    )
+    assert started.status_code == 202, started.text
+    job_url = f"{base}/users/compose/train/jobs/{started.json()['id']}"
+
+    def finished() -> bool:
+        return httpx.get(job_url, headers=operator).json()["status"] in ("succeeded", "failed")
+
+    _wait_for(finished, 300, "the training job to finish", worker_log)
+    job = httpx.get(job_url, headers=operator).json()
+    assert job["status"] == "succeeded", job
+    assert "compose-request-1" in worker_log.read_text()
+
+
+def _generate_and_scrape(base: str) -> None:
+    """After feedback -> train -> generate, /metrics shows each part."""
+    operator = {"Authorization": f"Bearer {OPERATOR_KEY}"}
+    body = {"prompt": "Hello?", "max_tokens": 4, "temperature": 0}
+    answer = httpx.post(f"{base}/users/compose/generate", json=body, headers=operator, timeout=120)
+    assert answer.status_code == 200 and answer.json()["adapter_version"] == 1, answer.text
+    streamed = httpx.post(
+        f"{base}/users/compose/generate",
+        json={**body, "stream": True},
+        headers=operator,
+        timeout=120,
+    )
+    assert streamed.status_code == 200 and "[DONE]" in streamed.text
+    text = httpx.get(f"{base}/metrics").text
+    for needle in (
+        "bapo_feedback_pairs_stored_total 4.0",
+        'bapo_training_jobs{status="succeeded"} 1.0',
+        "bapo_training_last_duration_seconds",
+        "bapo_training_last_tokens_per_second",
+        'bapo_adapter_loads_total{backend="local"} 1.0',
+        'bapo_generate_tokens_per_second_count{backend="local"} 2.0',
+        'bapo_generate_time_to_first_token_seconds_count{backend="local"} 1.0',
+        'route="/users/{user_id}/generate",status="200"',
+    ):
+        assert needle in text, needle
 
 
 def _ok(url: str) -> bool:
