@@ -90,7 +90,7 @@ def _train_gate_publish(job: RunningJob, staging: Path) -> int:
     job.on_phase("loading_pairs")
     pairs = _load_pairs(job)
     config = _train_config(job)
-    job.total_steps = _planned_steps(len(pairs), config)
+    job.total_steps = _planned_steps(pairs, config)
     job.on_phase("preparing_model")
     model_path = prepare_base_model(job.settings.data_dir, job.settings.base_model)
     job_service.remove_staging(
@@ -141,11 +141,13 @@ def _train_config(job: RunningJob) -> TrainConfig:
     return TrainConfig.from_dict(stored)
 
 
-def _planned_steps(num_pairs: int, config: TrainConfig) -> int:
+def _planned_steps(pairs: list[Pair], config: TrainConfig) -> int:
     """Optimizer steps the engine will run (for the progress fraction)."""
+    from worker.training.cache import prompt_key
     from worker.training.trainer import split_heldout, total_steps
 
-    train_idx, _ = split_heldout(num_pairs, config)
+    groups = [prompt_key(pair.messages) for pair in pairs]
+    train_idx, _ = split_heldout(len(pairs), config, groups)
     return total_steps(len(train_idx), config)
 
 

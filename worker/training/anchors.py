@@ -141,7 +141,7 @@ def _base_responses(
     stats: CacheStats,
 ) -> list[str]:
     """Base response per pair: from the cache, or generated once per distinct missing prompt."""
-    keys = [base_response_key(identity, pair.messages) for pair in pairs]
+    keys = [base_response_key(identity, pair.messages, config) for pair in pairs]
     found = cache.get_many(sorted(set(keys)))
     missing = {k: pair.messages for k, pair in zip(keys, pairs, strict=True) if k not in found}
     if missing:

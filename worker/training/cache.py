@@ -1,7 +1,7 @@
 """Key-value caches for base responses and reference log-probs (callers choose the storage).
 
 Keys (values: str for base responses, float for reference log-probs):
-  base response:      f"{model_identity}:{prompt_key}"
+  base response:      f"{model_identity}:{prompt_key}:{base_max_new_tokens}:{greedy|sampled}"
   reference log-prob: f"{model_identity}:{prompt_key}:{sha256(response)[:32]}"
                       f":{max_prompt_tokens}:{max_response_tokens}"
 """
@@ -26,9 +26,17 @@ def prompt_key(messages: Messages) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def base_response_key(identity: str, messages: Messages) -> str:
-    """Cache key of the base response to a prompt."""
-    return f"{identity}:{prompt_key(messages)}"
+def base_response_key(identity: str, messages: Messages, config: TrainConfig | None = None) -> str:
+    """Cache key of the base response to a prompt (and, given a config, how it was decoded).
+
+    The decoding settings are part of the key so changing `base_max_new_tokens` or
+    `base_do_sample` never silently reuses answers decoded another way.
+    """
+    key = f"{identity}:{prompt_key(messages)}"
+    if config is None:
+        return key
+    decoding = "sampled" if config.base_do_sample else "greedy"
+    return f"{key}:{config.base_max_new_tokens}:{decoding}"
 
 
 def reference_key(identity: str, messages: Messages, response: str, config: TrainConfig) -> str:

@@ -15,7 +15,7 @@ import torch
 
 from worker.training.anchors import Anchors, CacheStats, PhaseCallback, compute_anchors
 from worker.training.artifacts import check_out_dir, save_adapter
-from worker.training.cache import KeyValueCache
+from worker.training.cache import KeyValueCache, prompt_key
 from worker.training.config import TrainConfig
 from worker.training.data import EncodedPair, Pair, PairError, encode_pair
 from worker.training.evaluate import (
@@ -180,7 +180,8 @@ def _prepare(
         base_cache=base_cache, ref_cache=ref_cache, on_phase=hooks.phase,
     )  # fmt: skip
     encoded = _encode_with_anchors(tokenizer, pairs, anchors, config)
-    train_idx, heldout_idx = split_heldout(len(pairs), config)
+    prompts = [prompt_key(pair.messages) for pair in pairs]
+    train_idx, heldout_idx = split_heldout(len(pairs), config, prompts)
     _seed_everything(config.seed)  # again: LoRA init must not depend on what the caches held
     policy = wrap_lora(model, config)
     return _Run(policy, tokenizer, encoded, train_idx, heldout_idx, identity, anchors.stats)
@@ -207,14 +208,32 @@ def _encode_with_anchors(
     return encoded
 
 
-def split_heldout(num_pairs: int, config: TrainConfig) -> tuple[list[int], list[int]]:
-    """Seeded (train, held-out) index split; no held-out slice below min_pairs_for_heldout."""
+def split_heldout(
+    num_pairs: int, config: TrainConfig, groups: list[str] | None = None
+) -> tuple[list[int], list[int]]:
+    """Seeded (train, held-out) index split; no held-out slice below min_pairs_for_heldout.
+
+    With `groups` (e.g. prompt keys), pairs of one group land on the same side, so a held-out
+    pair never shares its prompt with a training pair; about `heldout_fraction` of the pairs
+    are held out, at least one group, never all of them.
+    """
     if num_pairs < config.min_pairs_for_heldout or config.heldout_fraction == 0:
         return list(range(num_pairs)), []
-    order = list(range(num_pairs))
-    random.Random(config.seed).shuffle(order)
-    num_heldout = max(1, round(config.heldout_fraction * num_pairs))
-    return sorted(order[num_heldout:]), sorted(order[:num_heldout])
+    keys = groups if groups is not None else [str(i) for i in range(num_pairs)]
+    distinct = sorted(set(keys))
+    if len(distinct) < 2:
+        return list(range(num_pairs)), []
+    random.Random(config.seed).shuffle(distinct)
+    target = max(1, round(config.heldout_fraction * num_pairs))
+    held: set[str] = set()
+    size = 0
+    for key in distinct[:-1]:  # keep at least one group for training
+        if size >= target:
+            break
+        held.add(key)
+        size += keys.count(key)
+    train = [i for i, key in enumerate(keys) if key not in held]
+    return train, [i for i, key in enumerate(keys) if key in held]
 
 
 def wrap_lora(model: CausalLM, config: TrainConfig) -> CausalLM:

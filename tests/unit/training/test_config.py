@@ -67,3 +67,13 @@ def test_heldout_split_is_seeded_and_only_with_enough_pairs() -> None:
     assert len(heldout) == 4 and sorted(train + heldout) == list(range(20))
     assert split_heldout(20, config) == (train, heldout)
     assert split_heldout(20, TrainConfig(heldout_fraction=0.2, seed=4))[1] != heldout
+
+
+def test_heldout_split_keeps_pairs_of_one_prompt_together() -> None:
+    config = TrainConfig(heldout_fraction=0.25, min_pairs_for_heldout=4, seed=3)
+    groups = ["a", "a", "a", "b", "b", "c", "c", "d", "e", "f", "f", "g"]
+    train, heldout = split_heldout(len(groups), config, groups)
+    assert sorted(train + heldout) == list(range(len(groups))) and heldout and train
+    assert {groups[i] for i in train}.isdisjoint({groups[i] for i in heldout})
+    assert split_heldout(len(groups), config, groups) == (train, heldout)  # seeded
+    assert split_heldout(5, config, ["same"] * 5) == ([0, 1, 2, 3, 4], [])  # one prompt: no split
