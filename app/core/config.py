@@ -136,6 +136,14 @@ class Settings(BaseSettings):
         60, ge=1, description="How often the reaper looks for stale jobs."
     )
 
+    # --- rate limits (per user key, per API process; the operator key is exempt) ---------------
+    rate_limit_generate_per_min: int = Field(
+        60, ge=0, description="Generate/chat requests per minute per user key; 0 = no limit."
+    )
+    rate_limit_train_per_hour: int = Field(
+        20, ge=0, description="Training starts per hour per user key; 0 = no limit."
+    )
+
     @field_validator("operator_key")
     @classmethod
     def _refuse_placeholder(cls, value: SecretStr | None) -> SecretStr | None:

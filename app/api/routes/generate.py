@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import SessionDep, UserIdDep
+from app.core.ratelimit import RATE_LIMITED_DOC, rate_limit
 from app.schemas.common import ERROR_RESPONSES
 from app.schemas.generate import GenerateIn, GenerateOut
 from app.services.generate import GenerateHandler, generate_out
@@ -34,8 +35,9 @@ HandlerDep = Annotated[GenerateHandler, Depends(get_handler)]
 @router.post(
     "/users/{user_id}/generate",
     response_model=GenerateOut,
-    responses=STREAM_DOC,
+    responses={**STREAM_DOC, **RATE_LIMITED_DOC},
     summary="Generate with the user's adapter",
+    dependencies=[Depends(rate_limit("generate"))],
 )
 async def generate(
     user_id: UserIdDep, session: SessionDep, handler: HandlerDep, body: GenerateIn

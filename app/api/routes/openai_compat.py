@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import PrincipalDep, SessionDep
 from app.api.routes.generate import STREAM_DOC, HandlerDep
+from app.core.ratelimit import RATE_LIMITED_DOC, rate_limit
 from app.schemas.common import ERROR_RESPONSES
 from app.schemas.generate import ChatCompletion, ChatCompletionIn, ModelList
 from app.services.generate import chat_completion, list_models, parse_model_id
@@ -23,8 +24,9 @@ router = APIRouter(prefix="/v1", tags=["openai"], responses=ERROR_RESPONSES)
 @router.post(
     "/chat/completions",
     response_model=ChatCompletion,
-    responses=STREAM_DOC,
+    responses={**STREAM_DOC, **RATE_LIMITED_DOC},
     summary="Chat completion (OpenAI-compatible)",
+    dependencies=[Depends(rate_limit("generate"))],
 )
 async def chat_completions(
     principal: PrincipalDep, session: SessionDep, handler: HandlerDep, body: ChatCompletionIn

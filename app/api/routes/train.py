@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Path, Query
+from fastapi import APIRouter, Body, Depends, Path, Query
 from fastapi.responses import JSONResponse
 
 from app.api.deps import LimitDep, SessionDep, SettingsDep, UserIdDep
 from app.core.middleware import request_id_var
+from app.core.ratelimit import RATE_LIMITED_DOC, rate_limit
 from app.schemas.common import ERROR_RESPONSES
 from app.schemas.jobs import JobEventOut, JobEventPage, JobOut, JobPage, TrainRequest
 from app.services import jobs as job_service
@@ -38,7 +39,11 @@ def _job_out(job: Any) -> JobOut:
     status_code=202,
     response_model=JobOut,
     summary="Start a training job",
-    responses={200: {"model": JobOut, "description": "The user's queued/running job (no new one)"}},
+    responses={
+        200: {"model": JobOut, "description": "The user's queued/running job (no new one)"},
+        **RATE_LIMITED_DOC,
+    },
+    dependencies=[Depends(rate_limit("train"))],
 )
 def start_training(
     user_id: UserIdDep,
