@@ -44,7 +44,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedService]:
     """The embedded service (API + Celery worker + beat) for the whole e2e session."""
     running = EmbeddedService(tmp_path_factory.mktemp("e2e-data")).start()
@@ -52,7 +52,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServic
     running.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def service_api(service: EmbeddedService) -> Iterator[ServiceApi]:
     """Direct API access to arrange state and to check what the browser stored."""
     client = ServiceApi(service.url)
@@ -60,13 +60,13 @@ def service_api(service: EmbeddedService) -> Iterator[ServiceApi]:
     client.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def playwright_driver() -> Iterator[Playwright]:
     with sync_playwright() as driver:
         yield driver
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser(playwright_driver: Playwright) -> Iterator[Browser]:
     """Debian's Chromium, headless."""
     if not shutil.which(CHROMIUM):
