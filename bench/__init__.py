@@ -1,0 +1,1 @@
+"""Benchmarks of the training engine on the bundled model (run as `python -m bench.<name>`)."""

@@ -1,0 +1,1 @@
+"""Feedback ingestion under wrk load vs /healthz, rows counted after (python -m bench.api_load)."""

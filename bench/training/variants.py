@@ -1,0 +1,342 @@
+"""One training run of one variant, measured (runs inside a child process: bench.training.child).
+
+Variants, all on the same model, LoRA config, pairs, batch size and truncation limits:
+  ours_dpo          worker.training.trainer.train with method="dpo"
+  ours_bapo         the same with method="bapo" (scores a third, base-response sequence per pair)
+  trl_dpo           TRL's DPOTrainer, PEFT LoRA (reference = adapter disabled),
+                    precompute_ref_log_probs=True: the analog of our cached reference log-probs
+  trl_dpo_live_ref  the same with TRL's default for PEFT: a reference forward every step
+
+Throughput is counted the same way for every variant ("pair tokens"): for each trained pair,
+len(prompt)+len(chosen) + len(prompt)+len(rejected) tokens, as the engine encodes them (chat
+template, truncation limits), summed over the pairs of an epoch, times the epochs, divided by the
+training loop's seconds (optimizer steps only: loading, tokenising, reference log-probs, base
+responses, evaluation and saving excluded; those are in `wall_s` and `phases_s`). BAPO's base
+sequences are extra work of that method and are not counted as throughput.
+
+The loop is timed twice: wall clock, and this process's CPU time (`time.process_time`). With one
+torch thread, the CPU time is what the loop would take on an idle core; on a shared machine the
+wall clock also counts the time other jobs held the core.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.common import current_rss_mib, peak_rss_mib
+from worker.training.cache import JsonFileCache, KeyValueCache, MemoryCache
+from worker.training.config import TrainConfig
+from worker.training.data import Pair, encode_pair, pair_from_dict
+
+OURS = {"ours_dpo": "dpo", "ours_bapo": "bapo", "ours_bapo_retrain": "bapo"}
+TRL = {"trl_dpo": True, "trl_dpo_live_ref": False}  # variant → precompute_ref_log_probs
+VARIANTS = (*OURS, *TRL)
+
+
+@dataclass
+class RunSpec:
+    """What a child process runs (JSON-serialisable)."""
+
+    variant: str
+    model_dir: str
+    pairs: list[dict[str, Any]]
+    config: dict[str, Any]
+    out_dir: str
+    device: str = "cpu"
+    threads: int = 1
+    cache_dir: str | None = None  # ours: JSON-file caches here (kept across runs); None = fresh
+    label: str = ""
+
+
+@dataclass
+class RunResult:
+    """What one run measured."""
+
+    variant: str
+    label: str
+    num_pairs: int
+    epochs: int
+    steps: int
+    epoch_pair_tokens: int
+    pair_tokens: int
+    forwarded_tokens: int
+    train_loop_s: float
+    train_loop_cpu_s: float
+    wall_s: float
+    phases_s: dict[str, float]
+    peak_rss_mib: float
+    rss_at_train_start_mib: float
+    cuda_peak_mib: float | None
+    threads: int
+    cache_stats: dict[str, int] = field(default_factory=dict)
+    mean_tokens: dict[str, float] = field(default_factory=dict)  # per pair: prompt, chosen, ...
+
+    @property
+    def pair_tokens_per_s(self) -> float:
+        """Pair tokens per second of training loop."""
+        return self.pair_tokens / self.train_loop_s if self.train_loop_s > 0 else math.nan
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict with the derived rates."""
+        data = asdict(self)
+        data["pair_tokens_per_s"] = self.pair_tokens_per_s
+        data["pair_tokens_per_cpu_s"] = (
+            self.pair_tokens / self.train_loop_cpu_s if self.train_loop_cpu_s > 0 else math.nan
+        )
+        data["forwarded_tokens_per_s"] = (
+            self.forwarded_tokens / self.train_loop_s if self.train_loop_s > 0 else math.nan
+        )
+        data["train_loop_s_per_epoch"] = self.train_loop_s / self.epochs
+        return data
+
+
+def epoch_pair_tokens(tokenizer: Any, pairs: list[Pair], config: TrainConfig) -> int:
+    """Σ over pairs of (prompt+chosen) + (prompt+rejected) tokens, as the engine encodes them."""
+    total = 0
+    for pair in pairs:
+        item = encode_pair(tokenizer, pair, config.max_prompt_tokens, config.max_response_tokens)
+        total += 2 * len(item.prompt) + len(item.chosen) + len(item.rejected)
+    return total
+
+
+def mean_tokens(
+    tokenizer: Any, pairs: list[Pair], config: TrainConfig, base: list[str] | None = None
+) -> dict[str, float]:
+    """Mean encoded length of the prompts, chosen, rejected (and base) responses."""
+    items = [
+        encode_pair(tokenizer, pair, config.max_prompt_tokens, config.max_response_tokens,
+                    base_response=base[i] if base else None)
+        for i, pair in enumerate(pairs)
+    ]  # fmt: skip
+    means = {
+        "prompt": sum(len(x.prompt) for x in items) / len(items),
+        "chosen": sum(len(x.chosen) for x in items) / len(items),
+        "rejected": sum(len(x.rejected) for x in items) / len(items),
+    }
+    if base:
+        means["base"] = sum(len(x.base or []) for x in items) / len(items)
+    return means
+
+
+def base_texts(
+    cache: KeyValueCache, model_dir: Path, pairs: list[Pair], config: TrainConfig
+) -> list[str]:
+    """The base responses the run used, read back from its cache (the engine's keys)."""
+    from worker.training.cache import base_response_key
+    from worker.training.model import model_identity
+
+    identity = model_identity(model_dir)
+    keys = [base_response_key(identity, pair.messages, config) for pair in pairs]
+    found = cache.get_many(keys)
+    return [str(found.get(key, "")) for key in keys]
+
+
+def run(spec: RunSpec) -> RunResult:
+    """Run the spec's variant and measure it."""
+    import torch
+
+    torch.set_num_threads(spec.threads)
+    if spec.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    if spec.variant in OURS:
+        return _run_ours(spec)
+    if spec.variant in TRL:
+        return _run_trl(spec)
+    raise ValueError(f"unknown variant {spec.variant!r}; known: {VARIANTS}")
+
+
+def _caches(spec: RunSpec) -> tuple[KeyValueCache, KeyValueCache]:
+    """Base-response and reference caches: JSON files in cache_dir, or fresh in memory."""
+    if spec.cache_dir is None:
+        return MemoryCache(), MemoryCache()
+    folder = Path(spec.cache_dir)
+    return JsonFileCache(folder / "base_responses.json"), JsonFileCache(folder / "reference.json")
+
+
+def _run_ours(spec: RunSpec) -> RunResult:
+    """worker.training.trainer.train, timed per phase."""
+    import torch
+
+    from worker.training.model import load_tokenizer
+    from worker.training.trainer import train
+
+    pairs = [pair_from_dict(p) for p in spec.pairs]
+    config = TrainConfig.from_dict({**spec.config, "method": OURS[spec.variant]})
+    tokenizer = load_tokenizer(Path(spec.model_dir))
+    tokens_per_epoch = epoch_pair_tokens(tokenizer, pairs, config)
+    marks: list[tuple[str, float]] = []
+    cpu_marks: dict[str, float] = {}
+    rss_at_train: list[float] = []
+
+    def on_phase(name: str) -> None:
+        marks.append((name, time.perf_counter()))
+        cpu_marks[name] = time.process_time()
+        if name == "training":
+            rss_at_train.append(current_rss_mib())
+
+    base_cache, ref_cache = _caches(spec)
+    started = time.perf_counter()
+    result = train(
+        Path(spec.model_dir), pairs, config, out_dir=Path(spec.out_dir),
+        base_cache=base_cache, ref_cache=ref_cache, on_phase=on_phase,
+        device=torch.device(spec.device),
+    )  # fmt: skip
+    ended = time.perf_counter()
+    return RunResult(
+        variant=spec.variant,
+        label=spec.label,
+        num_pairs=len(pairs),
+        epochs=config.epochs,
+        steps=result.steps,
+        epoch_pair_tokens=tokens_per_epoch,
+        pair_tokens=tokens_per_epoch * config.epochs,
+        forwarded_tokens=result.tokens_trained,
+        train_loop_s=result.train_time_s,
+        train_loop_cpu_s=cpu_marks["evaluating"] - cpu_marks["training"],
+        wall_s=ended - started,
+        phases_s=_durations(marks, ended),
+        peak_rss_mib=peak_rss_mib(),
+        rss_at_train_start_mib=rss_at_train[0] if rss_at_train else math.nan,
+        cuda_peak_mib=_cuda_peak(spec.device),
+        threads=torch.get_num_threads(),
+        cache_stats=asdict(result.cache_stats),
+        mean_tokens=mean_tokens(
+            tokenizer, pairs, config, base_texts(base_cache, Path(spec.model_dir), pairs, config)
+        ),
+    )
+
+
+def _durations(marks: list[tuple[str, float]], ended: float) -> dict[str, float]:
+    """Seconds per phase from the phases' start marks."""
+    ends = [t for _, t in marks[1:]] + [ended]
+    return {name: end - start for (name, start), end in zip(marks, ends, strict=True)}
+
+
+def _cuda_peak(device: str) -> float | None:
+    """Peak CUDA memory allocated in MiB (None on the CPU)."""
+    if device != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def trl_dataset(pairs: list[Pair]) -> Any:
+    """The pairs in TRL's conversational preference format."""
+    from datasets import Dataset
+
+    return Dataset.from_list(
+        [
+            {
+                "prompt": p.messages,
+                "chosen": [{"role": "assistant", "content": p.chosen}],
+                "rejected": [{"role": "assistant", "content": p.rejected}],
+            }
+            for p in pairs
+        ]
+    )
+
+
+def trl_args(spec: RunSpec, config: TrainConfig) -> Any:
+    """DPOConfig with our hyperparameters; TRL's CPU-hostile defaults turned off (see README)."""
+    from trl import DPOConfig
+
+    on_gpu = spec.device == "cuda"
+    return DPOConfig(
+        output_dir=str(Path(spec.out_dir) / "trainer"),
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum_steps,
+        num_train_epochs=config.epochs,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_schedule,
+        warmup_steps=config.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        beta=config.beta,
+        seed=config.seed,
+        max_length=config.max_prompt_tokens + config.max_response_tokens,
+        precompute_ref_log_probs=TRL[spec.variant],
+        precompute_ref_batch_size=config.score_batch_size,
+        gradient_checkpointing=False,  # TRL defaults to True; our trainer does not checkpoint
+        bf16=on_gpu,  # TRL defaults to True; fp32 on the CPU like ours, bf16 autocast on CUDA
+        use_cpu=not on_gpu,
+        report_to=[],
+        save_strategy="no",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+
+
+def _run_trl(spec: RunSpec) -> RunResult:
+    """TRL's DPOTrainer with a PEFT LoRA config, timed: init (tokenise, precompute), loop, save."""
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import DPOTrainer
+
+    from worker.training.model import load_tokenizer
+
+    pairs = [pair_from_dict(p) for p in spec.pairs]
+    config = TrainConfig.from_dict({**spec.config, "method": "dpo"})
+    tokenizer = load_tokenizer(Path(spec.model_dir))
+    tokens_per_epoch = epoch_pair_tokens(tokenizer, pairs, config)
+    tokenizer.padding_side = "right"  # TRL's collator pads itself; keep the HF default for it
+
+    class LoopTimer(TrainerCallback):
+        """Marks the training loop's start and end, and the RSS when it starts."""
+
+        begin = end = cpu_begin = cpu_end = rss = math.nan
+        threads = 0
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.begin, self.cpu_begin = time.perf_counter(), time.process_time()
+            self.rss, self.threads = current_rss_mib(), torch.get_num_threads()
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.end, self.cpu_end = time.perf_counter(), time.process_time()
+
+    timer = LoopTimer()
+    lora = LoraConfig(
+        r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM",
+    )  # fmt: skip
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=torch.float32)
+    loaded = time.perf_counter()
+    trainer = DPOTrainer(
+        model=model, args=trl_args(spec, config), train_dataset=trl_dataset(pairs),
+        processing_class=tokenizer, peft_config=lora, callbacks=[timer],
+    )  # fmt: skip
+    prepared = time.perf_counter()
+    trainer.train()
+    trained = time.perf_counter()
+    trainer.save_model(str(Path(spec.out_dir) / "adapter"))
+    ended = time.perf_counter()
+    return RunResult(
+        variant=spec.variant,
+        label=spec.label,
+        num_pairs=len(pairs),
+        epochs=config.epochs,
+        steps=int(trainer.state.global_step),
+        epoch_pair_tokens=tokens_per_epoch,
+        pair_tokens=tokens_per_epoch * config.epochs,
+        forwarded_tokens=int(getattr(trainer, "_total_train_tokens", 0)),
+        train_loop_s=timer.end - timer.begin,
+        train_loop_cpu_s=timer.cpu_end - timer.cpu_begin,
+        wall_s=ended - started,
+        phases_s={
+            "loading": loaded - started,
+            "tokenize_and_reference_logprobs": prepared - loaded,
+            "training": trained - prepared,
+            "saving": ended - trained,
+        },
+        peak_rss_mib=peak_rss_mib(),
+        rss_at_train_start_mib=timer.rss,
+        cuda_peak_mib=_cuda_peak(spec.device),
+        threads=timer.threads,
+        mean_tokens=mean_tokens(tokenizer, pairs, config),
+    )
