@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -19,7 +20,7 @@ import httpx
 
 from app.core.db import transaction
 from app.services import adapters as adapter_service
-from tests.support import LiveServer
+from tests.support import Api, LiveServer
 
 REPO = Path(__file__).resolve().parents[2]
 SERVED_NAME = "smollm2-135m-instruct"
@@ -170,3 +171,22 @@ def check_chunks(events: list[Any], *, usage: bool) -> tuple[str, str]:
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     return text, finish
+
+
+def new_user(api: Api, prefix: str = "u") -> tuple[str, dict[str, str]]:
+    """A user with a unique id."""
+    return api.create_user(f"{prefix}{uuid.uuid4().hex[:10]}")
+
+
+def generate(api: Api, user_id: str, headers: dict[str, str], **body: object) -> httpx.Response:
+    """POST /users/{id}/generate, greedy and short unless told otherwise."""
+    payload = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, **body}
+    return api.http.post(f"/users/{user_id}/generate", json=payload, headers=headers)
+
+
+def generated(api: Api, user_id: str, headers: dict[str, str], **body: object) -> dict[str, object]:
+    """The JSON of a successful generate."""
+    response = generate(api, user_id, headers, **body)
+    assert response.status_code == 200, response.text
+    data: dict[str, object] = response.json()
+    return data

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +21,10 @@ from tests.integration.generation_support import (
     build_adapters,
     check_chunks,
     forget_reference_model,
+    generate,
+    generated,
     model_dir,
+    new_user,
     one_torch_thread,
     publish,
     reference_greedy,
@@ -82,25 +84,6 @@ def api(server: LiveServer) -> Iterator[Api]:
     client = Api(server.url)
     yield client
     client.close()
-
-
-def new_user(api: Api) -> tuple[str, dict[str, str]]:
-    """A user with a unique id."""
-    return api.create_user(f"u{uuid.uuid4().hex[:10]}")
-
-
-def generate(api: Api, user_id: str, headers: dict[str, str], **body: object) -> httpx.Response:
-    """POST /users/{id}/generate, greedy and short unless told otherwise."""
-    payload = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, **body}
-    return api.http.post(f"/users/{user_id}/generate", json=payload, headers=headers)
-
-
-def generated(api: Api, user_id: str, headers: dict[str, str], **body: object) -> dict[str, object]:
-    """The JSON of a successful generate."""
-    response = generate(api, user_id, headers, **body)
-    assert response.status_code == 200, response.text
-    data: dict[str, object] = response.json()
-    return data
 
 
 def test_no_adapter_serves_the_base_model(api: Api, expected: dict[int | None, str]) -> None:

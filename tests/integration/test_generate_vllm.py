@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,11 +25,14 @@ from tests.integration.generation_support import (
     SERVED_NAME,
     build_adapters,
     check_chunks,
+    generate,
+    generated,
     model_dir,
     one_torch_thread,
     publish,
     sse_events,
 )
+from tests.integration.generation_support import new_user as support_new_user
 from tests.support import Api, LiveServer, assert_error, make_settings, postgres_database
 from tests.vllm_server import VllmServer, require_vllm
 
@@ -122,22 +124,8 @@ def api(server: LiveServer) -> Iterator[Api]:
 
 
 def new_user(api: Api) -> tuple[str, dict[str, str]]:
-    """A user with a unique id."""
-    return api.create_user(f"v{uuid.uuid4().hex[:10]}")
-
-
-def generate(api: Api, user_id: str, headers: dict[str, str], **body: object) -> httpx.Response:
-    """POST /users/{id}/generate, greedy and short."""
-    payload = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, **body}
-    return api.http.post(f"/users/{user_id}/generate", json=payload, headers=headers)
-
-
-def generated(api: Api, user_id: str, headers: dict[str, str], **body: object) -> dict[str, object]:
-    """The JSON of a successful generate."""
-    response = generate(api, user_id, headers, **body)
-    assert response.status_code == 200, response.text
-    data: dict[str, object] = response.json()
-    return data
+    """A user with a unique id (prefixed for this module)."""
+    return support_new_user(api, "v")
 
 
 def vllm_adapters(vllm: VllmServer) -> set[str]:
