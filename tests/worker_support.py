@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,7 +24,7 @@ import httpx
 import redis
 
 from app.core.config import Settings
-from tests.support import OPERATOR_KEY
+from tests.support import OPERATOR_KEY, Api, LiveServer, make_settings, postgres_database
 
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +43,18 @@ TINY_TRAINING: dict[str, Any] = {
 }
 # The same, but long enough to be cancelled or killed in the middle of its steps.
 LONG_TRAINING: dict[str, Any] = {"max_steps": 200}
+# Settings of the job stacks: tiny trainings, a fast heartbeat and reaper, two attempts per job.
+STACK_SETTINGS: dict[str, Any] = {
+    "train_defaults": TINY_TRAINING,
+    "gate_mc_limit": 2,
+    "job_heartbeat_s": 0.5,
+    "job_stale_after_s": 6,
+    "reaper_interval_s": 1,
+    "job_max_attempts": 2,
+    "retrain_interval_s": 5,
+    "retrain_min_new_pairs": 6,  # the other tests' users (4 pairs) are never due
+}
+JOB_TIMEOUT_S = 240.0
 
 
 def model_dir() -> Path:
@@ -161,6 +175,22 @@ class WorkerProcess:
             self.process.wait(timeout=30)
 
 
+@contextmanager
+def file_size_limit(pid: int, limit: int) -> Iterator[None]:
+    """While the block runs, no file the process writes can grow past `limit` bytes.
+
+    RLIMIT_FSIZE (its soft limit, set from outside with prlimit) binds root too; Python ignores
+    SIGXFSZ, so the write(2) that would cross the limit fails with EFBIG, as it would with ENOSPC
+    on a full disk.
+    """
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (soft, hard))
+
+
 def wait_for(check: Callable[[], T], timeout: float, what: str, interval: float = 0.2) -> T:
     """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -251,3 +281,71 @@ def hidden_entries(adapters_path: Path, user_id: str) -> list[str]:
         if folder.is_dir()
         else []
     )
+
+
+@dataclass
+class Stack:
+    """API + Postgres + Redis + a `gpu` training worker + a `default` worker with beat (reaper)."""
+
+    server: LiveServer
+    settings: Settings
+    env: dict[str, str]
+    log_dir: Path
+    gpu: WorkerProcess
+    default: WorkerProcess
+    api: Api = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.api = Api(self.server.url)
+
+    def start_gpu_worker(self) -> WorkerProcess:
+        """A fresh training worker (after the previous one was killed)."""
+        self.gpu = WorkerProcess(self.env, "gpu", self.log_dir / "gpu.log").start()
+        return self.gpu
+
+    def ensure_gpu_worker(self) -> None:
+        """Restart the training worker if a test killed it."""
+        if self.gpu.process is None or self.gpu.process.poll() is not None:
+            self.start_gpu_worker()
+
+
+@contextmanager
+def job_stack(data_dir: Path, **extra_env: str) -> Iterator[Stack]:
+    """The whole service on a fresh Postgres database + the test Redis, with real workers."""
+    with postgres_database() as url:
+        settings = make_settings(
+            data_dir,
+            url,
+            broker_url=flushed_redis_url(),
+            base_model=str(model_dir()),
+            **STACK_SETTINGS,
+        )
+        server = LiveServer(settings).start()
+        env = settings_env(settings, **extra_env)
+        default = WorkerProcess(env, "default", data_dir / "default.log", beat=True).start()
+        gpu = WorkerProcess(env, "gpu", data_dir / "gpu.log").start()
+        stack = Stack(server, settings, env, data_dir, gpu, default)
+        try:
+            yield stack
+        finally:
+            stack.api.close()
+            stack.gpu.stop()
+            stack.default.stop()
+            server.stop()
+            flushed_redis_url()
+
+
+def train_and_wait(http: httpx.Client, user_id: str, headers: dict[str, str]) -> dict[str, Any]:
+    """POST /train (must create a job) and wait until the job ends."""
+    response = http.post(f"/users/{user_id}/train", json={}, headers=headers)
+    assert response.status_code == 202, response.text
+    ends = {"succeeded", "failed", "cancelled"}
+    return wait_status(http, user_id, response.json()["id"], headers, ends, JOB_TIMEOUT_S)
+
+
+def adapter_listing(http: httpx.Client, user_id: str, headers: dict[str, str]) -> dict[str, Any]:
+    """GET /users/{id}/adapters (must succeed)."""
+    response = http.get(f"/users/{user_id}/adapters", headers=headers)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import kombu.exceptions
@@ -38,6 +40,8 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 # Set when the worker starts a warm shutdown: the running job stops and goes back to the queue.
 SHUTTING_DOWN = threading.Event()
+# Test-only hook, off unless this variable names a file: see hold_for_tests.
+PAUSE_FILE_ENV = "BAPO_TEST_PAUSE_FILE"
 _FACTORIES: dict[str, sessionmaker[Session]] = {}
 _FACTORIES_LOCK = threading.Lock()
 
@@ -74,6 +78,22 @@ def finite(value: Any) -> Any:
     return value
 
 
+def hold_for_tests(phase: str) -> None:
+    """Test-only: while the file named by BAPO_TEST_PAUSE_FILE holds this phase's name, wait here
+    (the phase is recorded and the heartbeat goes on), so a test can kill -9 the worker in a known
+    phase (tests/integration/test_jobs_crash.py). Does nothing when the variable is unset."""
+    path = os.environ.get(PAUSE_FILE_ENV)
+    while path and _read_text(Path(path)) == phase:
+        time.sleep(0.1)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
 class JobStopped(Exception):
     """The run must stop now (cancel requested, claim lost, time limit, shutdown)."""
 
@@ -103,6 +123,7 @@ class RunningJob:
         """Engine callback: record the phase, then stop here if asked to."""
         self._write(lambda s: job_service.record_phase(s, self.claim, phase))
         self.check_stop()
+        hold_for_tests(phase)
 
     def on_step(self, record: dict[str, Any]) -> None:
         """Engine callback: one training step's metrics → a job event + progress."""

@@ -8,10 +8,12 @@ these tests fail; `BAPO_SKIP_VLLM=1` opts out explicitly.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -39,6 +41,7 @@ from tests.vllm_server import VllmServer, require_vllm
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 SEEDS = [2, 3, 4, 5]  # four users' adapters, more than --max-loras 2
 MAX_LORAS = 2
+STORY_PROMPT = "Write a long story about a dragon."  # seed 3's adapter answers it at length
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -260,18 +263,47 @@ def test_vllm_rejections_keep_our_error_shape(api: Api) -> None:
     assert api.http.get("/readyz").json()["checks"]["inference"]["ok"] is True
 
 
-def test_restart_reloads_the_adapter_and_down_is_a_clean_503(
+def test_killed_mid_stream_down_then_restarted(
     server: LiveServer,
     api: Api,
     vllm: VllmServer,
     adapters: dict[int, Path],
     local_texts: dict[int | None, str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     user_id, headers = new_user(api)
     publish(server, user_id, adapters[3])
     assert generated(api, user_id, headers)["text"] == local_texts[3]
 
-    vllm.kill()
+    # SIGKILL once the first tokens reached the client: the stream ends with one error event in
+    # our error shape (the status line was sent already), without a traceback and without hanging.
+    caplog.set_level(logging.WARNING)
+    body = {"prompt": STORY_PROMPT, "max_tokens": 32, "temperature": 0, "stream": True}
+    events: list[Any] = []
+    killed_at: float | None = None
+    with api.http.stream(
+        "POST", f"/users/{user_id}/generate", json=body, headers=headers
+    ) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                data = line.removeprefix("data: ")
+                events.append(data if data == "[DONE]" else json.loads(data))
+            if len(events) == 3 and killed_at is None:
+                vllm.kill()  # the role chunk and two content chunks are in
+                killed_at = time.monotonic()
+    assert killed_at is not None, f"the stream ended before vLLM was killed: {events}"
+    assert time.monotonic() - killed_at < 15, "the stream ended promptly after the kill"
+    *chunks, last = events
+    assert len(chunks) >= 3 and all(c["choices"][0]["finish_reason"] is None for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks).strip()
+    assert set(last) == {"error"} and last["error"]["code"] == "inference_unavailable", last
+    assert last["error"]["type"] and "dropped the stream" in last["error"]["message"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], [
+        r.getMessage() for r in caplog.records
+    ]
+
+    # Down: a clean 503 before anything is sent, streamed or not.
     error = assert_error(generate(api, user_id, headers), 503, "inference_unavailable")
     assert vllm.url in error["message"]
     stream = generate(api, user_id, headers, stream=True)
@@ -284,3 +316,4 @@ def test_restart_reloads_the_adapter_and_down_is_a_clean_503(
     assert f"user-{user_id}-v1" not in vllm_adapters(vllm)
     data = generated(api, user_id, headers)
     assert (data["adapter_version"], data["text"]) == (1, local_texts[3]), vllm.log_tail()
+    assert f"user-{user_id}-v1" in vllm_adapters(vllm)

@@ -5,30 +5,27 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select
 
-from app.core.config import Settings
 from app.core.db import transaction
 from app.models import PreferencePair, TrainingJob
 from app.queue import TRAIN_TASK, producer
 from app.services import jobs as job_service
-from tests.support import Api, LiveServer, make_settings, postgres_database
 from tests.worker_support import (
+    JOB_TIMEOUT_S,
     LONG_TRAINING,
+    STACK_SETTINGS,
     TINY_TRAINING,
-    WorkerProcess,
+    Stack,
     events,
-    flushed_redis_url,
     get_job,
     hidden_entries,
-    model_dir,
+    job_stack,
     post_pairs,
-    settings_env,
     version_folders,
     wait_for,
     wait_status,
@@ -36,68 +33,12 @@ from tests.worker_support import (
 
 pytestmark = pytest.mark.slow
 
-STACK_SETTINGS: dict[str, Any] = {
-    "train_defaults": TINY_TRAINING,
-    "gate_mc_limit": 2,
-    "job_heartbeat_s": 0.5,
-    "job_stale_after_s": 6,
-    "reaper_interval_s": 1,
-    "job_max_attempts": 2,
-    "retrain_interval_s": 5,
-    "retrain_min_new_pairs": 6,  # the other tests' users (4 pairs) are never due
-}
-JOB_TIMEOUT_S = 240.0
-
-
-@dataclass
-class Stack:
-    """API + Postgres + Redis + a gpu worker + a default worker with beat."""
-
-    server: LiveServer
-    settings: Settings
-    env: dict[str, str]
-    log_dir: Path
-    gpu: WorkerProcess
-    default: WorkerProcess
-    api: Api = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.api = Api(self.server.url)
-
-    def start_gpu_worker(self) -> WorkerProcess:
-        """A fresh training worker (after the previous one was killed)."""
-        self.gpu = WorkerProcess(self.env, "gpu", self.log_dir / "gpu.log").start()
-        return self.gpu
-
-    def ensure_gpu_worker(self) -> None:
-        """Restart the training worker if a test killed it."""
-        if self.gpu.process is None or self.gpu.process.poll() is not None:
-            self.start_gpu_worker()
-
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The whole service on Postgres + Redis, with real worker processes."""
-    data_dir = tmp_path_factory.mktemp("jobs-stack")
-    with postgres_database() as url:
-        settings = make_settings(
-            data_dir,
-            url,
-            broker_url=flushed_redis_url(),
-            base_model=str(model_dir()),
-            **STACK_SETTINGS,
-        )
-        server = LiveServer(settings).start()
-        env = settings_env(settings)
-        default = WorkerProcess(env, "default", data_dir / "default.log", beat=True).start()
-        gpu = WorkerProcess(env, "gpu", data_dir / "gpu.log").start()
-        stack = Stack(server, settings, env, data_dir, gpu, default)
+    with job_stack(tmp_path_factory.mktemp("jobs-stack")) as stack:
         yield stack
-        stack.api.close()
-        stack.gpu.stop()
-        stack.default.stop()
-        server.stop()
-        flushed_redis_url()
 
 
 @dataclass

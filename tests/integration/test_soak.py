@@ -1,12 +1,15 @@
 """A bounded soak on loopback: many users, feedback posts retried under Idempotency-Keys (some
-concurrently), and reads; afterwards the database holds exactly the acknowledged pairs.
+concurrently), reads, generate requests (the in-process backend) and training triggers run by a
+real Celery worker; afterwards the database holds exactly the acknowledged pairs and every job
+ends (succeeded, one at a time per user).
 
-On a private Postgres (tests/fault_support.py), so the shared server's other users are not loaded.
+On a private Postgres and Redis (tests/fault_support.py), so the shared servers are not loaded.
 Figures go to test-artifacts/soak.json. SOAK_SECONDS overrides the 60 s of load.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -19,14 +22,26 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import create_engine, text
 
 from app.core.db import upgrade_to_head
-from tests.fault_support import count_rows, private_postgres
+from tests.fault_support import count_rows, private_postgres, private_redis
 from tests.support import Api, LiveServer, assert_error, make_settings
+from tests.worker_support import (
+    TINY_TRAINING,
+    WorkerProcess,
+    model_dir,
+    post_pairs,
+    settings_env,
+    wait_for,
+)
 
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "60"))
+DRAIN_TIMEOUT_S = 240.0  # after the load: at most one job per trainee is left, each ~10-30 s
 USERS = 24
-CLIENTS = 8
+TRAINEES = 3  # users with 4 fixed pairs whose training is triggered during the soak
+CLIENTS = 8  # feedback and read clients; one more generates, one more triggers training
+GENERATE = {"prompt": "Say hello.", "max_tokens": 4, "temperature": 0}
 ARTIFACT = Path(__file__).resolve().parents[2] / "test-artifacts" / "soak.json"
 
 pytestmark = pytest.mark.slow
@@ -34,12 +49,27 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def soak_server(tmp_path: Path) -> Iterator[LiveServer]:
-    with private_postgres() as pg:
+    """The API (in-process generation) and one training worker on private Postgres and Redis."""
+    with private_postgres() as pg, private_redis() as broker:
         upgrade_to_head(pg.url)
-        server = LiveServer(make_settings(tmp_path, pg.url)).start()
+        settings = make_settings(
+            tmp_path,
+            pg.url,
+            broker_url=broker.url,
+            base_model=str(model_dir()),
+            train_defaults=TINY_TRAINING,
+            gate_mc_limit=2,
+            local_threads=1,
+            # The soak measures the service, not the per-key limiters (tested elsewhere).
+            rate_limit_generate_per_min=0,
+            rate_limit_train_per_hour=0,
+        )
+        server = LiveServer(settings).start()
+        worker = WorkerProcess(settings_env(settings), "gpu", tmp_path / "gpu.log").start()
         try:
             yield server
         finally:
+            worker.stop()
             server.stop()
 
 
@@ -50,7 +80,9 @@ class Ledger:
         self.lock = threading.Lock()
         self.latencies: dict[str, list[float]] = {}
         self.statuses: dict[int, int] = {}
+        self.route_statuses: dict[str, dict[int, int]] = {}
         self.acked: dict[str, int] = {}  # idempotency key -> pair id
+        self.jobs: dict[str, str] = {}  # job id -> user id, from every train answer
         self.mismatches: list[str] = []
         self.bad: list[str] = []
 
@@ -58,6 +90,8 @@ class Ledger:
         with self.lock:
             self.latencies.setdefault(kind, []).append(seconds)
             self.statuses[response.status_code] = self.statuses.get(response.status_code, 0) + 1
+            route = self.route_statuses.setdefault(kind, {})
+            route[response.status_code] = route.get(response.status_code, 0) + 1
 
     def ack(self, key: str, pair_id: int) -> None:
         with self.lock:
@@ -69,9 +103,15 @@ class Ledger:
 class Client:
     """One simulated client thread's behaviour."""
 
-    def __init__(self, base_url: str, users: list[tuple[str, dict[str, str]]], ledger: Ledger):
-        self.http = httpx.Client(base_url=base_url, timeout=30)
-        self.users, self.ledger = users, ledger
+    def __init__(
+        self,
+        base_url: str,
+        users: list[tuple[str, dict[str, str]]],
+        trainees: list[tuple[str, dict[str, str]]],
+        ledger: Ledger,
+    ):
+        self.http = httpx.Client(base_url=base_url, timeout=60)
+        self.users, self.trainees, self.ledger = users, trainees, ledger
         self.rng = random.Random()
 
     def _send(self, kind: str, method: str, path: str, **kwargs: object) -> httpx.Response:
@@ -113,6 +153,28 @@ class Client:
         else:
             self._send("user_get", "GET", f"/users/{user_id}", headers=auth)
 
+    def generate(self) -> None:
+        """A short greedy answer for any user (a trainee's is served with its adapter)."""
+        user_id, auth = self.rng.choice(self.users + self.trainees)
+        path = f"/users/{user_id}/generate"
+        response = self._send("generate", "POST", path, json=GENERATE, headers=auth)
+        if response.status_code != 200 or not response.json()["usage"]["completion_tokens"]:
+            self.ledger.bad.append(f"generate {response.status_code} {response.text[:200]}")
+
+    def train(self) -> None:
+        """A training trigger: a new job (202) or the user's active one (200)."""
+        user_id, auth = self.rng.choice(self.trainees)
+        path = f"/users/{user_id}/train"
+        response = self._send("train_post", "POST", path, json={}, headers=auth)
+        if response.status_code not in (200, 202):
+            self.ledger.bad.append(f"train {response.status_code} {response.text[:200]}")
+            return
+        job = response.json()
+        with self.ledger.lock:
+            self.ledger.jobs[job["id"]] = user_id
+        if response.status_code == 200 and job["status"] not in ("queued", "running"):
+            self.ledger.bad.append(f"train 200 with a {job['status']} job")
+
     def _until_acked(self, user_id: str, auth: dict[str, str], key: str) -> None:
         for _ in range(50):
             if self.post_pair(user_id, auth, key):
@@ -133,46 +195,108 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     }
 
 
-def test_soak_stores_exactly_the_acknowledged_pairs(soak_server: LiveServer) -> None:
-    api = Api(soak_server.url)
-    users = [api.create_user(f"soak{i:02d}") for i in range(USERS)]
-    ledger = Ledger()
-    deadline = time.monotonic() + SOAK_SECONDS
-
-    def client_loop() -> None:
-        client = Client(soak_server.url, users, ledger)
-        with ThreadPoolExecutor(1) as pool:
-            while time.monotonic() < deadline:
-                client.step(pool)
-
-    started = time.monotonic()
-    with ThreadPoolExecutor(CLIENTS) as clients:
-        for future in [clients.submit(client_loop) for _ in range(CLIENTS)]:
-            future.result()
-    elapsed = time.monotonic() - started
-
+def _report(ledger: Ledger, elapsed: float, drain_s: float) -> dict[str, object]:
     total = sum(ledger.statuses.values())
     errors = sum(n for status, n in ledger.statuses.items() if status >= 500)
-    report = {
+    routes = {}
+    for kind, values in sorted(ledger.latencies.items()):
+        statuses = ledger.route_statuses[kind]
+        failed = sum(n for status, n in statuses.items() if status >= 500)
+        routes[kind] = {
+            **_percentiles(values),
+            "statuses": {str(k): v for k, v in sorted(statuses.items())},
+            "error_rate_5xx": failed / len(values),
+        }
+    return {
         "seconds": round(elapsed, 1),
         "users": USERS,
+        "trainees": TRAINEES,
         "clients": CLIENTS,
         "requests": total,
         "requests_per_s": round(total / elapsed, 1),
         "statuses": {str(k): v for k, v in sorted(ledger.statuses.items())},
         "error_rate_5xx": errors / total,
         "acknowledged_pairs": len(ledger.acked),
-        "latency": {kind: _percentiles(v) for kind, v in ledger.latencies.items()},
+        "training_jobs": len(ledger.jobs),
+        "drain_s": round(drain_s, 1),
+        "latency": routes,
     }
+
+
+def _jobs(url: str) -> list[dict[str, object]]:
+    """Every training job row (a fresh connection, outside the app's pool)."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            query = "SELECT id, user_id, status, started_at, finished_at FROM training_jobs"
+            return [dict(row._mapping) for row in conn.execute(text(query))]
+    finally:
+        engine.dispose()
+
+
+def test_soak_stores_exactly_the_acknowledged_pairs(soak_server: LiveServer) -> None:
+    api = Api(soak_server.url)
+    users = [api.create_user(f"soak{i:02d}") for i in range(USERS)]
+    trainees = [api.create_user(f"trainee{i}") for i in range(TRAINEES)]
+    for user_id, auth in trainees:
+        post_pairs(api.http, user_id, auth)
+    warm = api.http.post(f"/users/{users[0][0]}/generate", json=GENERATE, headers=users[0][1])
+    assert warm.status_code == 200, warm.text  # the model loads before the clock starts
+    ledger = Ledger()
+    deadline = time.monotonic() + SOAK_SECONDS
+
+    def client_loop() -> None:
+        client = Client(soak_server.url, users, trainees, ledger)
+        with ThreadPoolExecutor(1) as pool:
+            while time.monotonic() < deadline:
+                client.step(pool)
+
+    def generate_loop() -> None:  # one client asking for answers back to back
+        client = Client(soak_server.url, users, trainees, ledger)
+        while time.monotonic() < deadline:
+            client.generate()
+
+    def train_loop() -> None:  # one client triggering trainings, every second
+        client = Client(soak_server.url, users, trainees, ledger)
+        while time.monotonic() < deadline:
+            client.train()
+            time.sleep(1)
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(CLIENTS + 2) as clients:
+        loops = [client_loop] * CLIENTS + [generate_loop, train_loop]
+        for future in [clients.submit(loop) for loop in loops]:
+            future.result()
+    elapsed = time.monotonic() - started
+
+    # The worker drains what is left: at most one queued or running job per trainee.
+    url = soak_server.settings.database_url
+    wait_for(
+        lambda: all(job["status"] not in ("queued", "running") for job in _jobs(url)),
+        DRAIN_TIMEOUT_S,
+        "every training job to end",
+        interval=1,
+    )
+    drain_s = time.monotonic() - started - elapsed
+    report = _report(ledger, elapsed, drain_s)
     ARTIFACT.parent.mkdir(exist_ok=True)
     ARTIFACT.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 
     assert ledger.bad == [] and ledger.mismatches == []
-    assert errors == 0 and len(ledger.acked) > 50
-    stored = count_rows(soak_server.settings.database_url, "preference_pairs")
-    assert stored == len(ledger.acked)  # every acknowledged pair, and no duplicate
+    assert report["error_rate_5xx"] == 0 and len(ledger.acked) > 50
+    stored = count_rows(url, "preference_pairs")
+    trainee_pairs = 4 * TRAINEES
+    assert stored == len(ledger.acked) + trainee_pairs  # every acknowledged pair, no duplicate
     assert len(set(ledger.acked.values())) == len(ledger.acked)
     per_user = sum(api.http.get(f"/users/{u}", headers=a).json()["pair_count"] for u, a in users)
-    assert per_user == stored
+    assert per_user == stored - trainee_pairs
+
+    jobs = _jobs(url)
+    assert ledger.route_statuses["train_post"].get(202, 0) >= TRAINEES, ledger.route_statuses
+    assert {str(job["id"]): job["user_id"] for job in jobs} == ledger.jobs  # no job unaccounted
+    assert {job["status"] for job in jobs} == {"succeeded"}, jobs
+    for user_id, _auth in trainees:  # one job at a time per user: their runs never overlap
+        runs = sorted((j["started_at"], j["finished_at"]) for j in jobs if j["user_id"] == user_id)
+        assert all(end <= start for (_, end), (start, _) in itertools.pairwise(runs)), runs
     api.close()

@@ -19,6 +19,10 @@ class AdapterExistsError(FileExistsError):
     """The output folder already exists and is not empty."""
 
 
+class AdapterWriteError(OSError):
+    """The adapter could not be written (disk full, read-only store, ...); nothing was left."""
+
+
 def check_out_dir(out_dir: Path) -> None:
     """Refuse an output folder that exists and holds anything (adapters are immutable)."""
     out_dir = Path(out_dir)
@@ -47,8 +51,12 @@ def save_adapter(
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above); rename cannot replace a folder portably
         tmp.rename(out_dir)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, Exception):  # e.g. safetensors' "I/O error: No space left on device"
+            raise AdapterWriteError(
+                f"could not write the adapter into {out_dir.parent}: {type(exc).__name__}: {exc}"
+            ) from exc
         raise
     return out_dir
 
