@@ -153,6 +153,21 @@ def mc_accuracy(
 ) -> MCResult:
     """Log-likelihood MC accuracy of `model` on the first `limit` questions."""
     questions = questions[:limit] if limit is not None else questions
+    hits, hits_norm = mc_hits(model, tokenizer, questions, batch_size)
+    return _result(int(sum(hits)), int(sum(hits_norm)), len(questions))
+
+
+def mc_hits(
+    model: CausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: list[MCQuestion],
+    batch_size: int = 16,
+) -> tuple[list[float], list[float]]:
+    """Per-question correctness (1.0/0.0) by summed and by length-normalised log-likelihood.
+
+    The question is the user turn and each choice a complete assistant answer; the model's pick
+    is the choice it gives the highest log-likelihood (the first on ties).
+    """
     rows: list[tuple[list[int], list[int]]] = []
     spans: list[tuple[int, int]] = []
     for q in questions:
@@ -164,13 +179,14 @@ def mc_accuracy(
                 (prompt, encode_response(tokenizer, messages, choice, MC_MAX_CHOICE_TOKENS))
             )
     scores = score_sequences(model, rows, tokenizer.pad_token_id, batch_size)
-    hits = hits_norm = 0
+    hits: list[float] = []
+    hits_norm: list[float] = []
     for q, (start, count) in zip(questions, spans, strict=True):
         raw = scores[start : start + count]
         norm = [s / len(rows[start + i][1]) for i, s in enumerate(raw)]
-        hits += _argmax(raw) == q.answer_index
-        hits_norm += _argmax(norm) == q.answer_index
-    return _result(hits, hits_norm, len(questions))
+        hits.append(float(_argmax(raw) == q.answer_index))
+        hits_norm.append(float(_argmax(norm) == q.answer_index))
+    return hits, hits_norm
 
 
 def _argmax(values: list[float]) -> int:

@@ -1,0 +1,92 @@
+"""`python -m bench.forgetting [--quick]`: BAPO vs DPO personalization and forgetting."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from bench.forgetting.benchmark import run_benchmark, write_report
+from bench.forgetting.datasets import DATA_DIR_ENV, default_data_dir
+from bench.forgetting.plan import PLANS
+from worker.training.model import prepare_base_model
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(prog="python -m bench.forgetting", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="the ≈15-minute version")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help=f"evaluation data (default: ${DATA_DIR_ENV} or ../shared/data)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO_ROOT / "bench/results/forgetting.json",
+        help="result JSON; the .md table and .png plot go next to it",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path("/tmp/bapo-bench-forgetting"),
+        help="adapters (deleted after scoring) and the engine's caches",
+    )
+    parser.add_argument(
+        "--model-data-dir",
+        type=Path,
+        default=REPO_ROOT / "data",
+        help="where the bundled model is converted once (the service's data dir)",
+    )
+    parser.add_argument("--keep-adapters", action="store_true")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only re-render the .md and .png from an existing --out JSON (also mid-run)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and write its JSON, Markdown and PNG."""
+    args = parse_args(argv)
+    import matplotlib  # noqa: F401  (fail now, not after hours of training)
+
+    if args.report_only:
+        write_report(args.out.resolve())
+        return 0
+    data_dir = (args.data_dir or default_data_dir(REPO_ROOT)).resolve()
+    if not data_dir.is_dir():
+        print(
+            f"no evaluation data at {data_dir} (set --data-dir or ${DATA_DIR_ENV})", file=sys.stderr
+        )
+        return 2
+    plan = PLANS["quick" if args.quick else "full"]()
+    started = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:7.0f}s] {message}", flush=True)
+
+    model_path = prepare_base_model(args.model_data_dir)
+    log(f"{plan.mode} mode, seed {args.seed}, data {data_dir}, model {model_path}")
+    run_benchmark(
+        plan,
+        seed=args.seed,
+        data_dir=data_dir,
+        model_path=model_path,
+        work_dir=args.work_dir,
+        out_path=args.out.resolve(),
+        log=log,
+        keep_adapters=args.keep_adapters,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
