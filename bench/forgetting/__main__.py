@@ -28,8 +28,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--out",
         type=Path,
-        default=REPO_ROOT / "bench/results/forgetting.json",
-        help="result JSON; the .md table and .png plot go next to it",
+        default=None,
+        help="result JSON; the .md table and .png plot go next to it (default: "
+        "bench/results/forgetting.json, forgetting-quick.json with --quick)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -56,6 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write its JSON, Markdown and PNG."""
     args = parse_args(argv)
+    if args.out is None:
+        name = "forgetting-quick.json" if args.quick else "forgetting.json"
+        args.out = REPO_ROOT / "bench/results" / name
     import matplotlib  # noqa: F401  (fail now, not after hours of training)
 
     if args.report_only:

@@ -246,11 +246,17 @@ def user_table(result: Record) -> list[str]:
 
 def screening_table(result: Record) -> list[str]:
     """Each MC set's base accuracy next to chance, and whether it was kept."""
-    rows = ["| MC set | n | base acc. ± se | chance | kept |", "|---|---|---|---|---|"]
+    rows = [
+        "| MC set | n | base acc. ± se | chance | kept (z = (acc − chance) / se) |",
+        "|---|---|---|---|---|",
+    ]
+    bar = result["plan"]["min_z_above_chance"]
     for name, s in result["base"]["knowledge_screening"].items():
+        z = (s["accuracy"] - s["chance"]) / s["stderr"] if s["stderr"] else 0.0
+        kept = f"yes (z {z:.2f})" if s["kept"] else f"no (z {z:.2f} < {bar:g})"
         rows.append(
             f"| {name} | {s['n']} | {100 * s['accuracy']:.1f} ± {100 * s['stderr']:.1f}% "
-            f"| {100 * s['chance']:.0f}% | {'yes' if s['kept'] else 'no (≈ chance)'} |"
+            f"| {100 * s['chance']:.0f}% | {kept} |"
         )
     return rows
 
@@ -263,12 +269,12 @@ def goal_lines(result: Record) -> list[str]:
         if not check.get("users") or (check["bapo"], check["users"]) in seen:
             continue
         seen.append((check["bapo"], check["users"]))
-        ratio = check["loss_ratio"]
+        ratio = check["loss_ratio"] if check["dpo_forgets_beyond_2se"] else None
         lines.append(
             f"- {check['bapo']} vs DPO on {len(check['users'])} users: knowledge Δ "
             f"{_pp(-check['bapo_knowledge_loss'])} vs {_pp(-check['dpo_knowledge_loss'])} pp "
             "(loss "
-            f"ratio {'–' if ratio is None else f'{ratio:.2f}'}, goal ≤ 0.33); held-out "
+            f"ratio {'n/a' if ratio is None else f'{ratio:.2f}'}, goal ≤ 0.33); held-out "
             f"preference {_pct(check['bapo_test_preference_accuracy'])} vs "
             f"{_pct(check['dpo_test_preference_accuracy'])} (ratio "
             f"{check['preference_ratio'] or 0:.2f}, goal ≥ 0.95); DPO forgets beyond 2 se: "
@@ -351,24 +357,19 @@ def _lambda_curve(axis: Any, result: Record) -> None:
         return
     lams = [lam for lam, _ in points]
     knowledge = axis.twinx()
-    axis.errorbar(
-        lams,
-        [100 * s["test_preference_accuracy"] for _, s in points],
-        yerr=[100 * s["test_preference_accuracy_stderr"] for _, s in points],
-        fmt="o-",
-        color="tab:blue",
-        capsize=3,
-        label="held-out pref. acc.",
-    )
-    knowledge.errorbar(
-        lams,
-        [100 * s["knowledge_delta"] for _, s in points],
-        yerr=[100 * s["knowledge_delta_stderr"] for _, s in points],
-        fmt="s-",
-        color="tab:green",
-        capsize=3,
-        label="knowledge Δ",
-    )
+    for ax, field, fmt, color, label in (
+        (axis, "test_preference_accuracy", "o-", "tab:blue", "held-out pref. acc."),
+        (knowledge, "knowledge_delta", "s-", "tab:green", "knowledge Δ"),
+    ):
+        ax.errorbar(
+            lams,
+            [100 * s[field] for _, s in points],
+            yerr=[100 * s[f"{field}_stderr"] for _, s in points],
+            fmt=fmt,
+            color=color,
+            capsize=3,
+            label=label,
+        )
     if "dpo" in summary:
         axis.axhline(100 * summary["dpo"]["test_preference_accuracy"], color="tab:blue", ls="--")
         knowledge.axhline(100 * summary["dpo"]["knowledge_delta"], color="tab:green", ls="--")

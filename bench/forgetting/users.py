@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from bench.forgetting.datasets import DSP_DOMAINS, DSPRecord, seeded_sample
-from worker.training.anchors import generate_base_responses
-from worker.training.cache import KeyValueCache, base_response_key
+from worker.training.anchors import cached_generations
+from worker.training.cache import KeyValueCache
 from worker.training.config import TrainConfig
 from worker.training.data import Messages, Pair
 from worker.training.model import CausalLM
@@ -155,23 +155,7 @@ def pole_responses(
 ) -> list[str]:
     """The base model's answers under an instruction, decoded and cached like base responses."""
     messages = [instructed(prompt, instruction) for prompt in prompts]
-    keys = [base_response_key(identity, m, config) for m in messages]
-    found = cache.get_many(sorted(set(keys)))
-    missing = {k: m for k, m in zip(keys, messages, strict=True) if k not in found}
-    if missing:
-        texts = generate_base_responses(
-            model,
-            tokenizer,
-            list(missing.values()),
-            config.base_max_new_tokens,
-            config.base_batch_size,
-            config.base_do_sample,
-            max_prompt_tokens=config.max_prompt_tokens,
-        )
-        fresh = dict(zip(missing, texts, strict=True))
-        cache.put_many(fresh)
-        found.update(fresh)
-    return [str(found[k]) for k in keys]
+    return cached_generations(model, tokenizer, messages, config, identity, cache)[0]
 
 
 def dimension_users(

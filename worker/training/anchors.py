@@ -141,9 +141,27 @@ def _base_responses(
     stats: CacheStats,
 ) -> list[str]:
     """Base response per pair: from the cache, or generated once per distinct missing prompt."""
-    keys = [base_response_key(identity, pair.messages, config) for pair in pairs]
+    texts, computed, distinct = cached_generations(
+        model, tokenizer, [pair.messages for pair in pairs], config, identity, cache
+    )
+    stats.base_computed += computed
+    stats.base_reused += distinct - computed
+    return texts
+
+
+def cached_generations(
+    model: CausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[Messages],
+    config: TrainConfig,
+    identity: str,
+    cache: KeyValueCache,
+) -> tuple[list[str], int, int]:
+    """The model's answer per prompt under config's decoding settings, generated once per
+    distinct prompt missing from the cache. Returns (answers, generated, distinct prompts)."""
+    keys = [base_response_key(identity, messages, config) for messages in prompts]
     found = cache.get_many(sorted(set(keys)))
-    missing = {k: pair.messages for k, pair in zip(keys, pairs, strict=True) if k not in found}
+    missing = {k: m for k, m in zip(keys, prompts, strict=True) if k not in found}
     if missing:
         texts = generate_base_responses(
             model,
@@ -157,9 +175,7 @@ def _base_responses(
         fresh = dict(zip(missing, texts, strict=True))
         cache.put_many(fresh)
         found.update(fresh)
-    stats.base_computed += len(missing)
-    stats.base_reused += len(set(keys)) - len(missing)
-    return [str(found[key]) for key in keys]
+    return [str(found[key]) for key in keys], len(missing), len(set(keys))
 
 
 def _reference_logprobs(
