@@ -24,7 +24,6 @@ from tests.support import Api, LiveServer
 
 REPO = Path(__file__).resolve().parents[2]
 SERVED_NAME = "smollm2-135m-instruct"
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPT = "What is the capital of France?"
 MESSAGES = [{"role": "user", "content": PROMPT}]
 MAX_TOKENS = 12
@@ -42,30 +41,13 @@ def model_dir() -> Path:
 
 
 def build_adapters(out_dir: Path, seeds: list[int], scale: float = 1.0) -> dict[int, Path]:
-    """One rank-8 LoRA adapter per seed on all linear layers, random B (scaled), saved with PEFT."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    """One rank-8 LoRA adapter per seed on all linear layers, random B (scaled), saved with PEFT.
 
-    base: Any = AutoModelForCausalLM.from_pretrained(str(model_dir()), dtype=torch.float32)
-    folders = {}
-    for seed in seeds:
-        torch.manual_seed(seed)
-        # init_lora_weights=False: B is random instead of zero, so the adapter changes the output.
-        config = LoraConfig(
-            r=8, lora_alpha=16, target_modules=LORA_TARGETS, init_lora_weights=False
-        )
-        model = get_peft_model(base, config)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "lora_B" in name:
-                    param.mul_(scale)
-        # vLLM's resolver wants the served name here; it also marks which base this is for.
-        model.peft_config["default"].base_model_name_or_path = SERVED_NAME
-        folders[seed] = out_dir / f"seed{seed}"
-        model.save_pretrained(str(folders[seed]))
-        base = model.unload()  # back to the plain base model for the next seed
-    return folders
+    The serving benchmark's builder: the same adapters the benchmark serves.
+    """
+    from bench.serving.adapters import build_adapters as build
+
+    return dict(zip(seeds, build(model_dir(), out_dir, seeds, scale), strict=True))
 
 
 def publish(server: LiveServer, user_id: str, folder: Path, *, gate_passed: bool = True) -> int:
