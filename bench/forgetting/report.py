@@ -184,6 +184,8 @@ def _pct(value: float | None) -> str:
 def markdown(result: Record) -> str:
     """The results as Markdown: method table, per-user table, MC screening, goal."""
     lines = [_header(result), "", *method_table(result), "", *user_table(result), ""]
+    sweep = sweep_table(result)
+    lines += [*sweep, ""] if sweep else []
     lines += [*screening_table(result), "", *goal_lines(result)]
     return "\n".join(lines) + "\n"
 
@@ -242,6 +244,40 @@ def user_table(result: Record) -> list[str]:
             )
         rows.append(f"| {user} | " + " | ".join(cells) + " |")
     return ["Per user: held-out preference accuracy / knowledge Δ (pp).", "", *rows]
+
+
+def sweep_table(result: Record) -> list[str]:
+    """The λ curve on the sweep users: validation (what selects λ) next to test."""
+    selection = result.get("selection", {})
+    if not selection.get("curve"):
+        return []
+    users, summary = sweep_summary(result)
+    rows = [
+        f"λ sweep on {', '.join(users)}: validation picks λ, test is reported.",
+        "",
+        "| method | validation pref. acc. | validation anchor (nats) | test pref. acc. "
+        "| knowledge Δ (pp ± se) | test anchor (nats) |",
+        "|---|---|---|---|---|---|",
+    ]
+    validation = {"dpo": (selection["dpo_validation_preference_accuracy"],
+                          selection["dpo_validation_anchor_logratio"])}  # fmt: skip
+    for lam, point in selection["curve"].items():
+        validation[f"bapo@{lam}"] = (
+            point["validation_preference_accuracy"],
+            point["validation_anchor_logratio"],
+        )
+    for key, s in summary.items():
+        if key not in validation:
+            continue
+        pref, anchor = validation[key]
+        chosen = " (selected)" if key == f"bapo@{selection['selected']:g}" else ""
+        rows.append(
+            f"| {s['label']}{chosen} | {_pct(pref)} | {anchor:+.1f} "
+            f"| {_pct(s['test_preference_accuracy'])} "
+            f"| {_pp(s['knowledge_delta'], s['knowledge_delta_stderr'])} "
+            f"| {s['test_anchor_logratio']:+.1f} |"
+        )
+    return rows
 
 
 def screening_table(result: Record) -> list[str]:
@@ -347,11 +383,21 @@ def _colors(keys: Sequence[str]) -> dict[str, Any]:
     return colors
 
 
+def sweep_summary(result: Record) -> tuple[list[str], dict[str, Record]]:
+    """The method summaries on the sweep users only (those that ran DPO and every λ), so each
+    point of the λ curve and the DPO line average the same users; all users without a sweep."""
+    runs = result["runs"]
+    users = result.get("selection", {}).get("users") or sorted({r["user"] for r in runs})
+    return users, summarize(
+        [r for r in runs if r["user"] in users], result["base"]["knowledge_hits"]
+    )
+
+
 def _lambda_curve(axis: Any, result: Record) -> None:
     """Mean test preference accuracy (left axis) and knowledge change (right axis) against λ."""
-    summary = result["summary"]
+    users, summary = sweep_summary(result)
     points = sorted((s["anchor_weight"], s) for k, s in summary.items() if k != "dpo")
-    axis.set_title("λ sweep: means over the users each λ ran on (DPO dashed)")
+    axis.set_title(f"λ sweep on {', '.join(users)} (DPO dashed)")
     if not points:
         axis.text(0.5, 0.5, "no BAPO runs", ha="center", transform=axis.transAxes)
         return
