@@ -66,7 +66,8 @@ class Plan:
 
 
 def quick_plan() -> Plan:
-    """About 10 minutes on this machine: one DSP and one dimension user, DPO and BAPO.
+    """About 8 minutes on this machine (7.8 measured, cold cache): one DSP and one dimension user,
+    DPO and BAPO.
 
     A smoke-scale run of the whole pipeline on real data: 8 steps on 16 pairs are too few for
     DPO to forget measurably, there is no λ sweep, and the small MC subsets are kept at a lower
@@ -91,14 +92,15 @@ def quick_plan() -> Plan:
 
 
 def full_plan() -> Plan:
-    """About 1 h 50 min on this machine: the 4 DSP users and one pole of each P-SOUPS dimension,
-    DPO and BAPO (default λ) on each, and a λ sweep (0.01, 0.1, 3) on one DSP user.
+    """About 85 minutes on this machine (83 measured, cold cache): the 4 DSP users and one pole
+    of each P-SOUPS dimension, DPO and BAPO (default λ) on each, and a λ sweep (0.01, 0.1, 3) on
+    one DSP user.
 
     16 steps of 4 pairs = one epoch over 64 pairs, at learning rate 2e-3: at 1e-3 DPO's pooled
-    knowledge loss (−2.9 ± 2.0 pp) was not beyond two standard errors, and more steps do not fit
-    the 2-hour budget. A training step takes ≈ 10 s and scoring an adapter ≈ 2.5 min on the
-    2-core machine, which is what bounds the sizes. The at-chance MC sets
-    are screened on small subsets only to document that they say nothing about forgetting.
+    knowledge loss (−2.9 ± 2.0 pp) was not beyond two standard errors. A training step takes
+    ≈ 8–11 s and scoring an adapter ≈ 1.6 min on the 2-core machine (building the dimension users'
+    pairs ≈ 7 min on a cold cache), which is what bounds the sizes. The at-chance MC sets are
+    screened on small subsets only to document that they say nothing about forgetting.
     """
     return Plan(
         mode="full",
