@@ -259,17 +259,16 @@ def sweep_table(result: Record) -> list[str]:
         "| knowledge Δ (pp ± se) | test anchor (nats) |",
         "|---|---|---|---|---|---|",
     ]
-    validation = {"dpo": (selection["dpo_validation_preference_accuracy"],
-                          selection["dpo_validation_anchor_logratio"])}  # fmt: skip
-    for lam, point in selection["curve"].items():
-        validation[f"bapo@{lam}"] = (
-            point["validation_preference_accuracy"],
-            point["validation_anchor_logratio"],
-        )
+    validation = {f"bapo@{lam}": point for lam, point in selection["curve"].items()}
+    validation["dpo"] = {
+        "validation_preference_accuracy": selection["dpo_validation_preference_accuracy"],
+        "validation_anchor_logratio": selection["dpo_validation_anchor_logratio"],
+    }
     for key, s in summary.items():
-        if key not in validation:
+        if key not in validation:  # a λ run outside the sweep
             continue
-        pref, anchor = validation[key]
+        pref = validation[key]["validation_preference_accuracy"]
+        anchor = validation[key]["validation_anchor_logratio"]
         chosen = " (selected)" if key == f"bapo@{selection['selected']:g}" else ""
         rows.append(
             f"| {s['label']}{chosen} | {_pct(pref)} | {anchor:+.1f} "
