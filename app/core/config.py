@@ -136,12 +136,19 @@ class Settings(BaseSettings):
         60, ge=1, description="How often the reaper looks for stale jobs."
     )
 
-    # --- rate limits (per user key, per API process; the operator key is exempt) ---------------
+    # --- rate limits (per user, shared by the API replicas via Redis; the operator is exempt) ----
     rate_limit_generate_per_min: int = Field(
-        60, ge=0, description="Generate/chat requests per minute per user key; 0 = no limit."
+        60, ge=0, description="Generate/chat requests per minute per user; 0 = no limit."
     )
     rate_limit_train_per_hour: int = Field(
-        20, ge=0, description="Training starts per hour per user key; 0 = no limit."
+        20, ge=0, description="Training starts per hour per user; 0 = no limit."
+    )
+    rate_limit_redis_url: str = Field(
+        "",
+        description=(
+            "Redis holding the rate-limit buckets of all API replicas; empty = BROKER_URL when "
+            "it is redis:// or rediss://, else per-process buckets."
+        ),
     )
 
     @field_validator("operator_key")
