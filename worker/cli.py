@@ -104,7 +104,8 @@ def _quiet_transformers() -> None:
 _TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--method", "method", str, "bapo, or dpo (anchor weight 0)"),
     ("--anchor-weight", "anchor_weight", float, "λ, the base-anchor weight"),
-    ("--anchor-form", "anchor_form", str, "hinge (additive) or sigmoid (DPOP-style)"),
+    ("--anchor-form", "anchor_form", str, "anchor term: " + ", ".join(ANCHOR_FORMS)),
+    ("--anchor-tolerance", "anchor_tolerance", float, "δ in nats (anchor form hinge_tolerance)"),
     ("--beta", "beta", float, "β, the DPO temperature"),
     ("--lr", "learning_rate", float, "AdamW peak learning rate"),
     ("--rank", "lora_rank", int, "LoRA rank (vLLM allows 1,8,16,32,64,128,256,320,512)"),

@@ -22,7 +22,8 @@ class TrainRequest(StrictModel):
         None,
         description=(
             "Overrides of the training hyperparameters, e.g. `beta`, `anchor_weight`, "
-            "`anchor_form` (hinge|sigmoid), `learning_rate`, `epochs`, `max_steps`, `batch_size`, "
+            "`anchor_form` (hinge|hinge_per_token|hinge_tolerance|replay|sigmoid), "
+            "`anchor_tolerance`, `learning_rate`, `epochs`, `max_steps`, `batch_size`, "
             "`lora_rank` (1, 8, 16, 32, 64, ...), `lora_alpha`, `lora_dropout`, `seed`, "
             "`max_prompt_tokens`, `max_response_tokens`, `base_max_new_tokens`. Unknown keys are "
             "refused; the job shows every resolved value."

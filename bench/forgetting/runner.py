@@ -246,7 +246,7 @@ def encode_slice(session: Session, pairs: list[Pair]) -> list[EncodedPair]:
             pair,
             config.max_prompt_tokens,
             config.max_response_tokens,
-            base_response=anchors.base_responses[i],
+            base_ids=anchors.base_responses[i].token_ids,
         )
         item.ref_logps = (anchors.ref_chosen[i], anchors.ref_rejected[i], anchors.ref_base[i])
         encoded.append(item)

@@ -155,7 +155,8 @@ def pole_responses(
 ) -> list[str]:
     """The base model's answers under an instruction, decoded and cached like base responses."""
     messages = [instructed(prompt, instruction) for prompt in prompts]
-    return cached_generations(model, tokenizer, messages, config, identity, cache)[0]
+    answers = cached_generations(model, tokenizer, messages, config, identity, cache)[0]
+    return [answer.text for answer in answers]
 
 
 def dimension_users(

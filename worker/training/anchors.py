@@ -6,6 +6,7 @@ Cache keys are built in worker.training.cache (base_response_key, reference_key)
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -40,11 +41,35 @@ class CacheStats:
     ref_reused: int = 0
 
 
+@dataclass(frozen=True)
+class Generation:
+    """A model's own answer: its text and the token ids it generated.
+
+    `token_ids` are exactly what the model produced, up to and including its end-of-turn token
+    when it `finished` within the budget; an answer cut at max_new_tokens has no end-of-turn, so
+    the anchor never scores a token the model did not write.
+    """
+
+    text: str
+    token_ids: list[int]
+    finished: bool
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict (how the caches store it)."""
+        return {"text": self.text, "ids": self.token_ids, "finished": self.finished}
+
+    @classmethod
+    def from_json(cls, value: Any) -> Generation:
+        """From a cached value (a dict, or its JSON text as the database stores it)."""
+        data = json.loads(value) if isinstance(value, str) else value
+        return cls(str(data["text"]), [int(t) for t in data["ids"]], bool(data["finished"]))
+
+
 @dataclass
 class Anchors:
-    """Per pair (input order): the base response and reference log-probs of chosen/rejected/base."""
+    """Per pair (input order): the base answer and reference log-probs of chosen/rejected/base."""
 
-    base_responses: list[str]
+    base_responses: list[Generation]
     ref_chosen: list[float]
     ref_rejected: list[float]
     ref_base: list[float]
@@ -58,7 +83,15 @@ def reference_mode(model: CausalLM) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
-def generate_base_responses(
+def end_token_ids(model: CausalLM, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Token ids that end a generated turn (the generation config's eos ids and the tokenizer's)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(configured if isinstance(configured, list) else [configured])
+    ids.add(tokenizer.eos_token_id)
+    return {int(i) for i in ids if i is not None}
+
+
+def generate_answers(
     model: CausalLM,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[Messages],
@@ -67,12 +100,13 @@ def generate_base_responses(
     do_sample: bool = False,
     *,
     max_prompt_tokens: int = 1 << 30,
-) -> list[str]:
+) -> list[Generation]:
     """The model's own answers (greedy by default), batched with left padding, in input order."""
     encoded = [encode_prompt(tokenizer, messages, max_prompt_tokens) for messages in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    answers = [""] * len(encoded)
+    answers: list[Generation | None] = [None] * len(encoded)
     device = next(model.parameters()).device
+    ends = end_token_ids(model, tokenizer)
     with torch.no_grad(), autocast(device):
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
@@ -84,10 +118,35 @@ def generate_base_responses(
                 do_sample=do_sample,
                 pad_token_id=tokenizer.pad_token_id,
             )
-            texts = tokenizer.batch_decode(output[:, ids.shape[1] :], skip_special_tokens=True)
-            for i, text in zip(chunk, texts, strict=True):
-                answers[i] = text
-    return answers
+            for i, row in zip(chunk, output[:, ids.shape[1] :].tolist(), strict=True):
+                answers[i] = _generation(tokenizer, row, ends)
+    return [a for a in answers if a is not None]
+
+
+def _generation(tokenizer: PreTrainedTokenizerBase, row: list[int], ends: set[int]) -> Generation:
+    """One generated row: cut after its first end-of-turn token (the rest is padding)."""
+    stop = next((k for k, token in enumerate(row) if token in ends), None)
+    token_ids = row if stop is None else row[: stop + 1]
+    text = str(tokenizer.decode(token_ids, skip_special_tokens=True))
+    return Generation(text, token_ids, stop is not None)
+
+
+def generate_base_responses(
+    model: CausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[Messages],
+    max_new_tokens: int,
+    batch_size: int,
+    do_sample: bool = False,
+    *,
+    max_prompt_tokens: int = 1 << 30,
+) -> list[str]:
+    """The texts of `generate_answers` (callers that need no token ids)."""
+    answers = generate_answers(
+        model, tokenizer, prompts, max_new_tokens, batch_size, do_sample,
+        max_prompt_tokens=max_prompt_tokens,
+    )  # fmt: skip
+    return [answer.text for answer in answers]
 
 
 def _left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[Any, Any]:
@@ -122,10 +181,10 @@ def compute_anchors(
         base = _base_responses(model, tokenizer, pairs, config, identity, base_cache, stats)
         if on_phase:
             on_phase("reference_logprobs")
-        triples = [
-            (p, text)
+        triples: list[tuple[Pair, str | Generation]] = [
+            (p, response)
             for p, b in zip(pairs, base, strict=True)
-            for text in (p.chosen, p.rejected, b)
+            for response in (p.chosen, p.rejected, b)
         ]
         logps = _reference_logprobs(model, tokenizer, triples, config, identity, ref_cache, stats)
     return Anchors(base, logps[0::3], logps[1::3], logps[2::3], stats)
@@ -139,8 +198,8 @@ def _base_responses(
     identity: str,
     cache: KeyValueCache,
     stats: CacheStats,
-) -> list[str]:
-    """Base response per pair: from the cache, or generated once per distinct missing prompt."""
+) -> list[Generation]:
+    """Base answer per pair: from the cache, or generated once per distinct missing prompt."""
     texts, computed, distinct = cached_generations(
         model, tokenizer, [pair.messages for pair in pairs], config, identity, cache
     )
@@ -156,14 +215,16 @@ def cached_generations(
     config: TrainConfig,
     identity: str,
     cache: KeyValueCache,
-) -> tuple[list[str], int, int]:
+) -> tuple[list[Generation], int, int]:
     """The model's answer per prompt under config's decoding settings, generated once per
-    distinct prompt missing from the cache. Returns (answers, generated, distinct prompts)."""
+    distinct prompt missing from the cache. Returns (answers, generated, distinct prompts).
+
+    Cached values are the Generation's JSON text (the database stores text)."""
     keys = [base_response_key(identity, messages, config) for messages in prompts]
     found = cache.get_many(sorted(set(keys)))
     missing = {k: m for k, m in zip(keys, prompts, strict=True) if k not in found}
     if missing:
-        texts = generate_base_responses(
+        answers = generate_answers(
             model,
             tokenizer,
             list(missing.values()),
@@ -172,32 +233,38 @@ def cached_generations(
             config.base_do_sample,
             max_prompt_tokens=config.max_prompt_tokens,
         )
-        fresh = dict(zip(missing, texts, strict=True))
+        fresh = {k: json.dumps(a.to_json()) for k, a in zip(missing, answers, strict=True)}
         cache.put_many(fresh)
         found.update(fresh)
-    return [str(found[key]) for key in keys], len(missing), len(set(keys))
+    return [Generation.from_json(found[key]) for key in keys], len(missing), len(set(keys))
 
 
 def _reference_logprobs(
     model: CausalLM,
     tokenizer: PreTrainedTokenizerBase,
-    items: list[tuple[Pair, str]],
+    items: list[tuple[Pair, str | Generation]],
     config: TrainConfig,
     identity: str,
     cache: KeyValueCache,
     stats: CacheStats,
 ) -> list[float]:
-    """log πref(response | prompt) per (pair, response) item, scoring distinct missing ones once."""
-    keys = [reference_key(identity, pair.messages, text, config) for pair, text in items]
+    """log πref(response | prompt) per (pair, response) item, scoring distinct missing ones once.
+
+    A response is a text (encoded as the template writes an assistant turn) or a Generation
+    (scored on the token ids the model produced)."""
+    keys = [
+        reference_key(identity, pair.messages, _key_material(response), config)
+        for pair, response in items
+    ]
     found = cache.get_many(sorted(set(keys)))
     missing = {key: item for key, item in zip(keys, items, strict=True) if key not in found}
     if missing:
         rows = [
             (
                 encode_prompt(tokenizer, pair.messages, config.max_prompt_tokens),
-                encode_response(tokenizer, pair.messages, text, config.max_response_tokens),
+                response_ids(tokenizer, pair.messages, response, config.max_response_tokens),
             )
-            for pair, text in missing.values()
+            for pair, response in missing.values()
         ]
         scores = score_sequences(model, rows, tokenizer.pad_token_id, config.score_batch_size)
         fresh = dict(zip(missing, scores, strict=True))
@@ -206,3 +273,22 @@ def _reference_logprobs(
     stats.ref_computed += len(missing)
     stats.ref_reused += len(set(keys)) - len(missing)
     return [float(found[key]) for key in keys]
+
+
+def _key_material(response: str | Generation) -> str:
+    """What a reference log-prob's cache key hashes: the text, or a generation's token ids."""
+    if isinstance(response, Generation):
+        return "ids:" + ",".join(map(str, response.token_ids))
+    return response
+
+
+def response_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Messages,
+    response: str | Generation,
+    max_response_tokens: int,
+) -> list[int]:
+    """Token ids of a response: a generation's own ids, or the template's encoding of a text."""
+    if isinstance(response, Generation):
+        return response.token_ids[:max_response_tokens] or response.token_ids[:1]
+    return encode_response(tokenizer, messages, response, max_response_tokens)

@@ -1,9 +1,12 @@
 """Key-value caches for base responses and reference log-probs (callers choose the storage).
 
-Keys (values: str for base responses, float for reference log-probs):
-  base response:      f"{model_identity}:{prompt_key}:{base_max_new_tokens}:{greedy|sampled}"
+Keys (values: a Generation's JSON text for base answers, float for reference log-probs):
+  base answer:        f"{model_identity}:{prompt_key}:{base_max_new_tokens}:{greedy|sampled}"
+                      f":g{CACHE_FORMAT}"
   reference log-prob: f"{model_identity}:{prompt_key}:{sha256(response)[:32]}"
-                      f":{max_prompt_tokens}:{max_response_tokens}"
+                      f":{max_prompt_tokens}:{max_response_tokens}:g{CACHE_FORMAT}"
+A response is hashed as its text, or for a base answer as its generated token ids. CACHE_FORMAT
+changes whenever what a value means changes, so no cache written by an older engine is reused.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from worker.training.config import TrainConfig
     from worker.training.data import Messages
+
+
+CACHE_FORMAT = 2  # 2: base answers keep their generated token ids (no invented end-of-turn)
 
 
 def prompt_key(messages: Messages) -> str:
@@ -36,14 +42,14 @@ def base_response_key(identity: str, messages: Messages, config: TrainConfig | N
     if config is None:
         return key
     decoding = "sampled" if config.base_do_sample else "greedy"
-    return f"{key}:{config.base_max_new_tokens}:{decoding}"
+    return f"{key}:{config.base_max_new_tokens}:{decoding}:g{CACHE_FORMAT}"
 
 
 def reference_key(identity: str, messages: Messages, response: str, config: TrainConfig) -> str:
     """Cache key of log πref(response | prompt) under the config's truncation limits."""
     response_hash = hashlib.sha256(response.encode("utf-8")).hexdigest()[:32]
     limits = f"{config.max_prompt_tokens}:{config.max_response_tokens}"
-    return f"{identity}:{prompt_key(messages)}:{response_hash}:{limits}"
+    return f"{identity}:{prompt_key(messages)}:{response_hash}:{limits}:g{CACHE_FORMAT}"
 
 
 class CacheFileError(ValueError):

@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Method = Literal["bapo", "dpo"]
-AnchorForm = Literal["hinge", "sigmoid"]
+AnchorForm = Literal["hinge", "hinge_per_token", "hinge_tolerance", "replay", "sigmoid"]
 Schedule = Literal["cosine", "linear", "constant"]
 
 METHODS: tuple[str, ...] = ("bapo", "dpo")
-ANCHOR_FORMS: tuple[str, ...] = ("hinge", "sigmoid")
+# The anchor term's forms (worker/training/loss.py has each equation).
+ANCHOR_FORMS: tuple[str, ...] = ("hinge", "hinge_per_token", "hinge_tolerance", "replay", "sigmoid")
 SCHEDULES: tuple[str, ...] = ("cosine", "linear", "constant")
 # vLLM only accepts these LoRA ranks (vllm/config/lora.py).
 VLLM_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -38,6 +39,7 @@ class TrainConfig:
     beta: float = 0.1
     anchor_weight: float = 1.0
     anchor_form: AnchorForm = "hinge"
+    anchor_tolerance: float = 0.0  # δ in nats, for anchor_form "hinge_tolerance"
     learning_rate: float = 5e-4
     epochs: int = 3
     max_steps: int | None = None
@@ -100,6 +102,7 @@ def _problems(c: TrainConfig) -> list[str]:
         (c.lr_schedule in SCHEDULES, f"lr_schedule must be one of {SCHEDULES}"),
         (c.beta > 0, "beta must be > 0"),
         (c.anchor_weight >= 0, "anchor_weight must be >= 0"),
+        (c.anchor_tolerance >= 0, "anchor_tolerance must be >= 0"),
         (c.learning_rate > 0, "learning_rate must be > 0"),
         (c.epochs >= 1, "epochs must be >= 1"),
         (c.max_steps is None or c.max_steps >= 1, "max_steps must be >= 1 when given"),

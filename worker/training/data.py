@@ -205,15 +205,24 @@ def encode_pair(
     max_prompt_tokens: int,
     max_response_tokens: int,
     base_response: str | None = None,
+    *,
+    base_ids: list[int] | None = None,
 ) -> EncodedPair:
-    """Encode a pair (and optionally its base response) under the truncation policy."""
+    """Encode a pair (and optionally its base answer) under the truncation policy.
+
+    The base answer is given as a text (encoded like chosen/rejected) or, as the engine does, as
+    the token ids the base model generated (`base_ids`, kept as they are, cut at the end).
+    """
 
     def response(text: str) -> list[int]:
         return encode_response(tokenizer, pair.messages, text, max_response_tokens)
 
+    base = None if base_response is None else response(base_response)
+    if base_ids is not None:
+        base = base_ids[:max_response_tokens] or base_ids[:1]
     return EncodedPair(
         prompt=encode_prompt(tokenizer, pair.messages, max_prompt_tokens),
         chosen=response(pair.chosen),
         rejected=response(pair.rejected),
-        base=None if base_response is None else response(base_response),
+        base=base,
     )

@@ -21,7 +21,7 @@ import torch
 
 from worker.training.config import TrainConfig
 from worker.training.data import EncodedPair, encode_prompt, encode_response
-from worker.training.logprobs import pair_logratios, score_sequences
+from worker.training.logprobs import base_anchor, pair_logratios, score_sequences
 from worker.training.loss import bapo_loss
 from worker.training.model import CausalLM
 
@@ -266,7 +266,8 @@ def pair_metrics(
             assert h_b is not None
             parts.append((h_w, h_l, h_b))
     h_w, h_l, h_b = (torch.cat(column) for column in zip(*parts, strict=True))
-    _, metrics = bapo_loss(h_w, h_l, h_b, beta=config.beta,
+    _, metrics = bapo_loss(h_w, h_l, base_anchor(pairs, h_b), beta=config.beta,
                            anchor_weight=config.effective_anchor_weight,
-                           anchor_form=config.anchor_form)  # fmt: skip
+                           anchor_form=config.anchor_form,
+                           anchor_tolerance=config.anchor_tolerance)  # fmt: skip
     return {name: float(value) for name, value in metrics.items()}

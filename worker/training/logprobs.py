@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from worker.training.data import Batch, EncodedPair, collate
+from worker.training.loss import BaseAnchor
 from worker.training.model import CausalLM, autocast
 
 T = TypeVar("T")
@@ -88,6 +89,18 @@ def pair_logratios(
     refs = torch.tensor([_require(p.ref_logps, "ref_logps") for p in pairs], device=device)
     h = policy - refs.T[:kinds]  # refs [B, 3] → [3, B]
     return h[0], h[1], (h[2] if with_base else None), batch.num_tokens
+
+
+def base_anchor(pairs: list[EncodedPair], h_base: torch.Tensor) -> BaseAnchor:
+    """The loss's view of the base answers: h_b [B] with their token counts and ref log-probs."""
+    lengths = [len(_require(p.base, "base")) for p in pairs]
+    refs = [_require(p.ref_logps, "ref_logps")[2] for p in pairs]
+    device = h_base.device
+    return BaseAnchor(
+        h_base,
+        torch.tensor(lengths, dtype=torch.float32, device=device),
+        torch.tensor(refs, dtype=torch.float32, device=device),
+    )
 
 
 def _require(value: T | None, name: str) -> T:

@@ -24,7 +24,7 @@ from worker.training.evaluate import (
     pair_metrics,
     retention_metrics,
 )
-from worker.training.logprobs import pair_logratios
+from worker.training.logprobs import base_anchor, pair_logratios
 from worker.training.loss import bapo_loss
 from worker.training.model import (
     CausalLM,
@@ -43,6 +43,15 @@ CancelCheck = Callable[[], bool]
 
 class TrainingCancelled(Exception):
     """should_cancel() returned True between two steps; nothing was saved."""
+
+
+class StaleReferenceError(RuntimeError):
+    """At the first step (LoRA still zero) the policy disagrees with the cached reference."""
+
+
+# At step 1 the LoRA update is zero, so the policy IS the reference: every h must be ≈ 0. fp32
+# rounding gives ~1e-5 nats per token and bf16 ~1e-2; a cache of another model gives ≳ 0.3.
+FRESH_REFERENCE_NATS_PER_TOKEN = 0.05
 
 
 @dataclass
@@ -201,7 +210,7 @@ def _encode_with_anchors(
     for i, pair in enumerate(pairs):
         item = encode_pair(
             tokenizer, pair, config.max_prompt_tokens, config.max_response_tokens,
-            base_response=anchors.base_responses[i],
+            base_ids=anchors.base_responses[i].token_ids,
         )  # fmt: skip
         item.ref_logps = (anchors.ref_chosen[i], anchors.ref_rejected[i], anchors.ref_base[i])
         encoded.append(item)
@@ -308,7 +317,9 @@ def _train_loop(
         consumed += len(micro)
         lr = optimizer.param_groups[0]["lr"]
         indices = [batch for _, batch in micro]
-        metrics, step_tokens = _accumulate(policy, train_set, indices, config, pad_token_id)
+        metrics, step_tokens = _accumulate(
+            policy, train_set, indices, config, pad_token_id, check_reference=step == 1
+        )
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -329,6 +340,7 @@ def _accumulate(
     micro_batches: list[list[int]],
     config: TrainConfig,
     pad_token_id: int,
+    check_reference: bool = False,
 ) -> tuple[dict[str, float], int]:
     """Forward + backward each micro-batch, weighted by its share of the step's pairs."""
     total_pairs = sum(len(indices) for indices in micro_batches)
@@ -338,9 +350,12 @@ def _accumulate(
     for indices in micro_batches:
         batch = [train_set[i] for i in indices]
         h_w, h_l, h_b, n_tokens = pair_logratios(policy, batch, pad_token_id, with_base)
+        if check_reference:
+            check_fresh_reference(batch, h_w, h_l, h_b)
         loss, metrics = bapo_loss(
-            h_w, h_l, h_b, beta=config.beta,
+            h_w, h_l, None if h_b is None else base_anchor(batch, h_b), beta=config.beta,
             anchor_weight=config.effective_anchor_weight, anchor_form=config.anchor_form,
+            anchor_tolerance=config.anchor_tolerance,
         )  # fmt: skip
         weight = len(indices) / total_pairs
         (loss * weight).backward()
@@ -348,6 +363,32 @@ def _accumulate(
             sums[name] = sums.get(name, 0.0) + weight * float(value)
         tokens += n_tokens
     return sums, tokens
+
+
+def check_fresh_reference(
+    batch: list[EncodedPair],
+    h_chosen: torch.Tensor,
+    h_rejected: torch.Tensor,
+    h_base: torch.Tensor | None,
+) -> None:
+    """Raise StaleReferenceError when some |h| / tokens exceeds the bound at the first step.
+
+    A free check of the caches: base answers and reference log-probs keyed to the wrong model,
+    dtype or encoding show up here instead of silently training on poisoned numbers.
+    """
+    columns = [(h_chosen, "chosen"), (h_rejected, "rejected")]
+    if h_base is not None:
+        columns.append((h_base, "base"))
+    for values, kind in columns:
+        lengths = [len(getattr(p, kind) or [1]) for p in batch]
+        for value, length in zip(values.detach().tolist(), lengths, strict=True):
+            if abs(value) / length > FRESH_REFERENCE_NATS_PER_TOKEN:
+                raise StaleReferenceError(
+                    f"cached reference log-probs do not match the base model ({kind} response: "
+                    f"|h| = {abs(value):.3f} nats over {length} tokens at step 1, where it must be "
+                    "≈ 0); the engine cache was written by another model, dtype or encoding — "
+                    "clear the base_responses/reference_logprobs caches for this model"
+                )
 
 
 def _final_metrics(

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from worker.training.cache import (
+    CACHE_FORMAT,
     CacheFileError,
     JsonFileCache,
     MemoryCache,
@@ -48,12 +49,12 @@ def test_keys_depend_on_model_prompt_response_and_limits() -> None:
     assert base_response_key("m1", MESSAGES) == f"m1:{prompt_key(MESSAGES)}"
     assert base_response_key("m1", MESSAGES) != base_response_key("m2", MESSAGES)
     greedy = base_response_key("m1", MESSAGES, TrainConfig(base_max_new_tokens=64))
-    assert greedy == f"m1:{prompt_key(MESSAGES)}:64:greedy"
+    assert greedy == f"m1:{prompt_key(MESSAGES)}:64:greedy:g{CACHE_FORMAT}"
     assert greedy != base_response_key("m1", MESSAGES, TrainConfig(base_max_new_tokens=32))
     sampled = TrainConfig(base_max_new_tokens=64, base_do_sample=True)
     assert greedy != base_response_key("m1", MESSAGES, sampled)
     config = TrainConfig(max_prompt_tokens=64, max_response_tokens=32)
     key = reference_key("m1", MESSAGES, "Hello", config)
-    assert key.startswith(f"m1:{prompt_key(MESSAGES)}:") and key.endswith(":64:32")
+    assert key.startswith(f"m1:{prompt_key(MESSAGES)}:") and key.endswith(f":64:32:g{CACHE_FORMAT}")
     assert key != reference_key("m1", MESSAGES, "Hello!", config)
     assert key != reference_key("m1", MESSAGES, "Hello", TrainConfig(max_response_tokens=31))

@@ -10,7 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worker.training.loss import anchor_hinge, anchor_in_sigmoid_losses, bapo_loss, dpo_losses
+from worker.training.config import ANCHOR_FORMS
+from worker.training.loss import (
+    BaseAnchor,
+    anchor_hinge,
+    anchor_in_sigmoid_losses,
+    bapo_loss,
+    dpo_losses,
+)
 
 
 def _t(*values: float) -> torch.Tensor:
@@ -112,3 +119,49 @@ def test_dpo_without_base_needs_zero_weight_and_form_is_checked() -> None:
         bapo_loss(_t(1), _t(0), _t(0), beta=0.1, anchor_weight=1.0, anchor_form="cubic")
     _, metrics = bapo_loss(_t(1), _t(0), None, beta=0.1, anchor_weight=0.0)
     assert "anchor_logratio" not in metrics
+
+
+def _anchor(h: tuple[float, ...], n: tuple[float, ...], ref: tuple[float, ...]) -> BaseAnchor:
+    return BaseAnchor(_t(*h), _t(*n), _t(*ref))
+
+
+def test_per_token_hinge_divides_by_the_base_answer_length() -> None:
+    anchor = _anchor((-8.0, 4.0), (4.0, 2.0), (-20.0, -10.0))
+    loss, m = bapo_loss(
+        _t(0, 0), _t(0, 0), anchor, beta=0.1, anchor_weight=3.0, anchor_form="hinge_per_token"
+    )
+    # per pair: log 2 + 3 * max(0, 8/4) and log 2 + 0
+    assert loss.item() == pytest.approx(math.log(2) + 3.0 * 2.0 / 2)
+    assert m["anchor_loss"].item() == pytest.approx(1.0)
+    assert m["anchor_logratio"].item() == pytest.approx(-2.0)
+
+
+def test_tolerance_hinge_is_flat_inside_the_tolerance() -> None:
+    h_b = _t(-3.0, -7.0).requires_grad_()
+    loss, m = bapo_loss(
+        _t(0, 0), _t(0, 0), h_b, beta=0.1, anchor_weight=1.0,
+        anchor_form="hinge_tolerance", anchor_tolerance=5.0,
+    )  # fmt: skip
+    loss.backward()
+    assert m["anchor_loss"].item() == pytest.approx((0 + 2.0) / 2)
+    assert h_b.grad is not None and h_b.grad.tolist() == [0.0, -0.5]  # only beyond δ pushes
+
+
+def test_replay_is_the_per_token_nll_of_the_base_answer_and_keeps_pulling() -> None:
+    h_b = _t(2.0, -4.0).requires_grad_()
+    anchor = BaseAnchor(h_b, _t(4.0, 8.0), _t(-12.0, -20.0))
+    loss, m = bapo_loss(
+        _t(0, 0), _t(0, 0), anchor, beta=0.1, anchor_weight=1.0, anchor_form="replay"
+    )
+    loss.backward()
+    # NLL per token under the policy: -(r_b + h_b) / n_b = 10/4 and 24/8
+    assert m["anchor_loss"].item() == pytest.approx((2.5 + 3.0) / 2)
+    assert loss.item() == pytest.approx(math.log(2) + 2.75)
+    assert h_b.grad is not None
+    assert h_b.grad.tolist() == pytest.approx([-1 / 8, -1 / 16])  # nonzero even where h_b > 0
+
+
+def test_per_token_forms_need_lengths_and_reference() -> None:
+    with pytest.raises(ValueError, match="needs the base answer"):
+        bapo_loss(_t(1), _t(0), _t(-1), beta=0.1, anchor_weight=1.0, anchor_form="replay")
+    assert set(ANCHOR_FORMS) >= {"hinge", "hinge_per_token", "hinge_tolerance", "replay"}

@@ -178,3 +178,47 @@ def test_existing_output_folder_is_refused_before_any_work(model_dir: Path, tmp_
     pairs: list[Pair] = make_pairs()
     with pytest.raises(AdapterExistsError):
         train(model_dir, pairs, TINY, out_dir=tmp_path / "taken", on_phase=pytest.fail)
+
+
+def test_capped_base_answers_get_no_invented_end_of_turn(model_dir: Path, tokenizer: Any) -> None:
+    """A base answer cut at base_max_new_tokens is anchored on exactly the tokens the model
+    wrote (no end-of-turn); a finished one keeps the end-of-turn the model produced."""
+    from worker.training.data import encode_pair, encode_response
+    from worker.training.model import load_model
+
+    model = load_model(model_dir)
+    pairs = make_pairs([("Write a long essay about the history of Rome.", "Rome.", "No.")])
+    pairs += make_pairs([("Say only the word: yes", "yes", "no")])
+    config = replace(TINY, base_max_new_tokens=6)
+    anchors = compute_anchors(model, tokenizer, pairs, config, model_identity(model_dir))
+    capped = anchors.base_responses[0]
+    assert not capped.finished and len(capped.token_ids) == 6
+    assert tokenizer.eos_token_id not in capped.token_ids
+    item = encode_pair(tokenizer, pairs[0], 64, 24, base_ids=capped.token_ids)
+    assert item.base == capped.token_ids  # scored as generated, nothing appended
+    # the old way (decode, re-encode as a whole assistant turn) appends an end-of-turn
+    invented = encode_response(tokenizer, pairs[0].messages, capped.text, 24)
+    assert tokenizer.eos_token_id in invented
+    finished = compute_anchors(
+        model, tokenizer, pairs[1:], replace(TINY, base_max_new_tokens=24),
+        model_identity(model_dir),
+    ).base_responses[0]  # fmt: skip
+    assert finished.finished and finished.token_ids[-1] == tokenizer.eos_token_id
+
+
+def test_a_poisoned_reference_cache_fails_the_job_at_step_one(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """At step 1 LoRA is zero, so every h must be ≈ 0; a cache from another model is refused."""
+    from worker.training.anchors import reference_key
+    from worker.training.trainer import StaleReferenceError
+
+    pairs = make_pairs()
+    identity = model_identity(model_dir)
+    ref_cache = MemoryCache()
+    ref_cache.put_many(
+        {reference_key(identity, p.messages, p.chosen, TINY): -1.0 for p in pairs}
+    )  # log-probs "of another model"
+    with pytest.raises(StaleReferenceError, match="do not match the base model"):
+        train(model_dir, pairs, TINY, out_dir=tmp_path / "adapter", ref_cache=ref_cache)
+    assert not (tmp_path / "adapter").exists()
