@@ -16,6 +16,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -61,6 +62,10 @@ class User(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     active_adapter_version: Mapped[int | None] = mapped_column(Integer, default=None)
+    # True after an explicit activation other than the newest version: publishing won't override.
+    active_adapter_pinned: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=false()
+    )
 
 
 class ApiKey(Base):
@@ -157,7 +162,7 @@ class Adapter(Base):
     user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     version: Mapped[int] = mapped_column(Integer)
     name: Mapped[str] = mapped_column(String(128), unique=True)
-    path: Mapped[str] = mapped_column(Text)
+    path: Mapped[str] = mapped_column(Text)  # relative to ADAPTER_DIR (old rows: absolute)
     job_id: Mapped[str | None] = mapped_column(String(40), default=None)
     method: Mapped[str] = mapped_column(String(16), default="bapo")
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
@@ -167,7 +172,11 @@ class Adapter(Base):
 
 
 class AdapterVersionFloor(Base):
-    """The highest adapter version a user id ever had; kept when the user is deleted."""
+    """The highest adapter version ever issued for a user id.
+
+    Raised whenever a version is issued; nothing lowers it (GC, user deletion), so the next
+    version, and its serving name, is always new.
+    """
 
     __tablename__ = "adapter_version_floors"
 

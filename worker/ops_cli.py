@@ -79,10 +79,13 @@ def _retrain_due(_args: argparse.Namespace) -> int:
 
 
 def _gc_adapters(args: argparse.Namespace) -> int:
+    from app.core.config import get_settings
     from app.services import operations
 
     with _session_scope() as session:
-        collected = operations.collect_adapters(session, dry_run=args.dry_run)
+        collected = operations.collect_adapters(
+            session, get_settings().adapters_path, dry_run=args.dry_run
+        )
     print(
         json.dumps(
             {

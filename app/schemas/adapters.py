@@ -24,3 +24,8 @@ class AdapterOut(BaseModel):
 class AdapterList(BaseModel):
     data: list[AdapterOut] = Field(description="Newest version first.")
     active_version: int | None = Field(description="None: the base model is served.")
+    pinned: bool = Field(
+        description="The user chose the active version (or base) explicitly: new versions that "
+        "pass the gate are recorded but not activated until the newest version is activated "
+        "or `POST .../adapters/unpin`."
+    )

@@ -1,14 +1,21 @@
 """Adapter versions: publish (for the training worker), list, activate, and choose one to serve.
 
 Adapters are immutable: version N of a user is the folder `ADAPTER_DIR/<user>/v<N>` served under the
-name `user-<id>-v<N>`, and a name is never reused for other weights.
+name `user-<id>-v<N>`, and a name is never reused for other weights: issuing a version raises the
+user id's version floor, which no deletion lowers, and the next version is always above it.
+
+The database stores each folder relative to the adapter store (`<user>/v<N>`), resolved against this
+process's ADAPTER_DIR when used, so nodes may mount the store at different paths.
+
+An explicit activation pins the user's choice: publishing then records new versions without
+activating them, until the user activates the newest version or unpins.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sqlalchemy import func, select
@@ -54,11 +61,29 @@ def parse_selector(text: str) -> str | int:
     return int(match.group(1))
 
 
+def stored_path(user_id: str, version: int) -> str:
+    """How the database records a version's folder: relative to the store, `<user_id>/v<N>`."""
+    return str(PurePosixPath(user_id, f"v{version}"))
+
+
 def next_version(session: Session, user_id: str) -> int:
-    """The version number the user's next adapter gets (1 for the first)."""
+    """The user's next version number: above every version ever issued for this user id.
+
+    Locks the user id's floor row (Postgres), so concurrent publishers wait for each other.
+    """
+    floor = session.get(AdapterVersionFloor, user_id, with_for_update=True)
+    # Rows kept from before every issue raised the floor (migration 0004 backfills those too).
     latest = session.scalar(select(func.max(Adapter.version)).where(Adapter.user_id == user_id))
-    floor = session.get(AdapterVersionFloor, user_id)
     return max(int(latest or 0), floor.last_version if floor else 0) + 1
+
+
+def _raise_floor(session: Session, user_id: str, version: int) -> None:
+    """Record `version` as issued: no later version of this user id is numbered at or below it."""
+    floor = session.get(AdapterVersionFloor, user_id)
+    if floor is None:
+        session.add(AdapterVersionFloor(user_id=user_id, last_version=version))
+    else:
+        floor.last_version = max(floor.last_version, version)
 
 
 def register_adapter(
@@ -72,18 +97,28 @@ def register_adapter(
     gate_passed: bool,
     gate_reason: str | None,
 ) -> Adapter:
-    """Record a complete adapter folder as the user's next version; active if the gate passed."""
+    """Record the folder `<store>/<user>/v<N>` as version N, the user's next version.
+
+    It becomes active if it passed the gate and the user has not pinned their choice.
+    """
     user = user_service.get_user(session, user_id)
     if not (path / ADAPTER_CONFIG).is_file():
         raise InvalidRequest(
             f"{path} is not a complete adapter folder (no {ADAPTER_CONFIG})", "adapter_incomplete"
         )
     version = next_version(session, user_id)
+    relative = stored_path(user_id, version)
+    if path.parts[-2:] != PurePosixPath(relative).parts:
+        raise InvalidRequest(
+            f"{path} is not the folder of v{version}: it must be <adapter store>/{relative}",
+            "adapter_misplaced",
+        )
+    _raise_floor(session, user_id, version)
     adapter = Adapter(
         user_id=user_id,
         version=version,
         name=adapter_name(user_id, version),
-        path=str(path.resolve()),
+        path=relative,
         job_id=job_id,
         method=method,
         metrics=metrics,
@@ -91,7 +126,7 @@ def register_adapter(
         gate_reason=gate_reason,
     )
     session.add(adapter)
-    if gate_passed:
+    if gate_passed and not user.active_adapter_pinned:
         user.active_adapter_version = version
     session.flush()
     return adapter
@@ -122,8 +157,12 @@ class Activation:
     previous_name: str | None
 
 
-def activate(session: Session, user_id: str, selector: str) -> Activation:
-    """Make a version (or 'base') the one served by default; refuses unknown or missing versions."""
+def activate(session: Session, user_id: str, selector: str, adapter_root: Path) -> Activation:
+    """Make a version (or 'base') the one served by default; refuses unknown or missing versions.
+
+    The choice is pinned (publishing stops activating new versions) unless it is the user's
+    newest version, which means "follow new versions" again.
+    """
     user = user_service.get_user(session, user_id)
     previous = user.active_adapter_version
     target = parse_selector(selector)
@@ -133,24 +172,51 @@ def activate(session: Session, user_id: str, selector: str) -> Activation:
         )
     adapter = None if target == BASE else get_adapter(session, user_id, int(target))
     if adapter is not None:
-        require_files(adapter)
+        require_files(adapter, adapter_root)
     user.active_adapter_version = adapter.version if adapter else None
+    user.active_adapter_pinned = adapter is None or adapter.version != _newest(session, user_id)
     session.flush()
     previous_name = adapter_name(user_id, previous) if previous is not None else None
     return Activation(adapter, previous_name)
 
 
-def require_files(adapter: Adapter) -> None:
+def unpin(session: Session, user_id: str) -> None:
+    """Clear the user's pin: the active adapter stays, the next version that passes replaces it."""
+    user_service.get_user(session, user_id).active_adapter_pinned = False
+    session.flush()
+
+
+def _newest(session: Session, user_id: str) -> int | None:
+    """The user's highest recorded version."""
+    return session.scalar(select(func.max(Adapter.version)).where(Adapter.user_id == user_id))
+
+
+def adapter_path(adapter: Adapter, adapter_root: Path) -> Path:
+    """The version's folder on this node: its stored path under the adapter store.
+
+    Rows written before paths were stored relative hold the writer's absolute folder: that one
+    while it is complete, else the same version's folder under this node's store.
+    """
+    stored = Path(adapter.path)
+    if not stored.is_absolute():
+        return adapter_root.resolve() / stored  # absolute: vLLM resolves it in its own cwd
+    if (stored / ADAPTER_CONFIG).is_file():
+        return stored
+    return adapter_folder(adapter_root.resolve(), adapter.user_id, adapter.version)
+
+
+def require_files(adapter: Adapter, adapter_root: Path) -> None:
     """Conflict when the version's folder is gone: it cannot be served."""
-    if not is_available(adapter):
+    if not is_available(adapter, adapter_root):
         raise Conflict(
-            f"Adapter v{adapter.version} has no files at {adapter.path}", "adapter_files_missing"
+            f"Adapter v{adapter.version} has no files at {adapter_path(adapter, adapter_root)}",
+            "adapter_files_missing",
         )
 
 
-def is_available(adapter: Adapter) -> bool:
-    """True when the adapter's folder is complete on this machine."""
-    return (Path(adapter.path) / ADAPTER_CONFIG).is_file()
+def is_available(adapter: Adapter, adapter_root: Path) -> bool:
+    """True when the adapter's folder is complete on this node."""
+    return (adapter_path(adapter, adapter_root) / ADAPTER_CONFIG).is_file()
 
 
 @dataclass(frozen=True)
@@ -172,7 +238,7 @@ class ServedAdapter:
         return f"user:{self.user_id}:" + (f"v{self.version}" if self.adapter else BASE)
 
 
-def resolve(session: Session, user_id: str, selector: str) -> ServedAdapter:
+def resolve(session: Session, user_id: str, selector: str, adapter_root: Path) -> ServedAdapter:
     """The adapter to serve for 'active' (base if none), 'base' or a version; 404 if unknown."""
     user = user_service.get_user(session, user_id)
     target = parse_selector(selector)
@@ -181,6 +247,6 @@ def resolve(session: Session, user_id: str, selector: str) -> ServedAdapter:
     if target == BASE:
         return ServedAdapter(user_id, None, user.active_adapter_version is None)
     adapter = get_adapter(session, user_id, int(target))
-    require_files(adapter)
-    ref = AdapterRef(adapter.name, Path(adapter.path), adapter.version)
+    require_files(adapter, adapter_root)
+    ref = AdapterRef(adapter.name, adapter_path(adapter, adapter_root), adapter.version)
     return ServedAdapter(user_id, ref, adapter.version == user.active_adapter_version)

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from app.core.db import after_commit
 from app.core.errors import Conflict, InvalidRequest
 from app.models import Adapter, PreferencePair, User
+from app.services import adapters as adapter_service
 from app.services import feedback as feedback_service
 from app.services import users as user_service
 
@@ -61,7 +62,9 @@ def versions_to_collect(versions: list[int], active: int | None) -> list[int]:
     return [v for v in ordered if v not in keep]
 
 
-def collect_adapters(session: Session, *, dry_run: bool) -> dict[str, list[int]]:
+def collect_adapters(
+    session: Session, adapter_root: Path, *, dry_run: bool
+) -> dict[str, list[int]]:
     """Delete unneeded adapter versions (rows now, folders after commit); what was collected."""
     collected: dict[str, list[int]] = {}
     for row in list_users(session):
@@ -77,7 +80,8 @@ def collect_adapters(session: Session, *, dry_run: bool) -> dict[str, list[int]]
             )
         )
         for adapter in adapters:
-            after_commit(session, partial(shutil.rmtree, Path(adapter.path), ignore_errors=True))
+            folder = adapter_service.adapter_path(adapter, adapter_root)
+            after_commit(session, partial(shutil.rmtree, folder, ignore_errors=True))
         session.execute(
             delete(Adapter).where(Adapter.user_id == row.id, Adapter.version.in_(doomed))
         )

@@ -57,7 +57,7 @@ def test_versions_are_numbered_and_gate_decides_activation(
     live_server: LiveServer, api: Api
 ) -> None:
     user_id, headers = api.create_user(unique("ada"))
-    assert listing(api, user_id, headers) == {"data": [], "active_version": None}
+    assert listing(api, user_id, headers) == {"data": [], "active_version": None, "pinned": False}
     publish(live_server, user_id)
     publish(live_server, user_id, gate_passed=False)  # kept, but not served by default
     data = listing(api, user_id, headers)
@@ -141,6 +141,18 @@ def test_register_refuses_incomplete_folders_and_unknown_users(
                 gate_passed=True,
                 gate_reason=None,
             )
+        (tmp_path / "adapter_config.json").write_text("{}")  # complete, but not <user>/v1
+        with pytest.raises(InvalidRequest, match=r"must be <adapter store>/"):
+            adapter_service.register_adapter(
+                session,
+                user_id,
+                tmp_path,
+                job_id=None,
+                method="bapo",
+                metrics=None,
+                gate_passed=True,
+                gate_reason=None,
+            )
         assert adapter_service.next_version(session, user_id) == 1
 
 
@@ -153,3 +165,51 @@ def test_a_recreated_user_never_reuses_adapter_names(live_server: LiveServer, ap
     publish(live_server, user_id)  # asserts the version it gets, below
     versions = [a["version"] for a in listing(api, user_id, headers)["data"]]  # type: ignore[index]
     assert versions == [3]
+
+
+def activate(api: Api, user_id: str, version: str, headers: dict[str, str]) -> dict[str, object]:
+    """POST /users/{id}/adapters/{version}/activate, checked for 200; the listing it returns."""
+    response = api.http.post(f"/users/{user_id}/adapters/{version}/activate", headers=headers)
+    assert response.status_code == 200, response.text
+    data: dict[str, object] = response.json()
+    return data
+
+
+def active_and_pinned(api: Api, user_id: str, headers: dict[str, str]) -> tuple[object, object]:
+    """(active_version, pinned) from the listing."""
+    data = listing(api, user_id, headers)
+    return data["active_version"], data.get("pinned")
+
+
+def test_a_rollback_pins_until_the_newest_version_is_activated(
+    live_server: LiveServer, api: Api
+) -> None:
+    user_id, headers = api.create_user(unique("pin"))
+    publish(live_server, user_id)
+    publish(live_server, user_id)
+    activate(api, user_id, "v1", headers)  # the user rolls back
+    publish(live_server, user_id)  # v3 passes the gate (e.g. a scheduled retrain)
+    assert listing(api, user_id, headers)["active_version"] == 1, "the rollback was undone"
+    assert active_and_pinned(api, user_id, headers) == (1, True)
+    rows = listing(api, user_id, headers)["data"]
+    assert isinstance(rows, list) and [r["active"] for r in rows] == [False, False, True]
+    activate(api, user_id, "v3", headers)  # the newest version: the pin is cleared
+    assert active_and_pinned(api, user_id, headers) == (3, False)
+    publish(live_server, user_id)
+    assert active_and_pinned(api, user_id, headers) == (4, False)
+
+
+def test_unpin_and_a_pin_on_the_base_model(live_server: LiveServer, api: Api) -> None:
+    user_id, headers = api.create_user(unique("unpin"))
+    publish(live_server, user_id)
+    activate(api, user_id, "base", headers)  # choosing the base model is a pin too
+    publish(live_server, user_id)
+    assert listing(api, user_id, headers)["active_version"] is None, "the choice was undone"
+    assert active_and_pinned(api, user_id, headers) == (None, True)
+    response = api.http.post(f"/users/{user_id}/adapters/unpin", headers=headers)
+    assert response.status_code == 200, response.text
+    assert (response.json()["active_version"], response.json()["pinned"]) == (None, False)
+    publish(live_server, user_id)  # unpinned: the next version that passes becomes active
+    assert active_and_pinned(api, user_id, headers) == (3, False)
+    _, intruder = api.create_user(unique("mallory"))
+    assert_error(api.http.post(f"/users/{user_id}/adapters/unpin", headers=intruder), 403)

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 import redis
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, delete, select
 from sqlalchemy.orm import Session
 
-from app.models import PreferencePair, TrainingJob
+from app.models import Adapter, PreferencePair, TrainingJob
 from app.services import adapters as adapter_service
 from tests.support import postgres_database
 from tests.worker_support import REPO_ROOT, flushed_redis_url
@@ -122,7 +122,7 @@ def test_gc_keeps_the_active_and_the_previous_version(env: dict[str, str], tmp_p
                 gate_passed=version != 5,
                 gate_reason=None,
             )
-        adapter_service.activate(session, "dave", "v3")
+        adapter_service.activate(session, "dave", "v3", tmp_path / "adapters")
     engine.dispose()
     dry = bapo(env, "gc-adapters", "--dry-run")
     assert dry["collected"] == {"dave": ["v1", "v4", "v5"]} and folders[1].exists()
@@ -130,3 +130,45 @@ def test_gc_keeps_the_active_and_the_previous_version(env: dict[str, str], tmp_p
     assert bapo(env, "list-users", "--json")[0]["versions"] == [2, 3]
     assert [v for v, f in folders.items() if f.exists()] == [2, 3]
     assert bapo(env, "gc-adapters")["collected"] == {}
+
+
+def register_next(session: Session, root: Path, user_id: str) -> int:
+    """Write a config-only folder for the user's next version and register it (as the worker)."""
+    version = adapter_service.next_version(session, user_id)
+    folder = adapter_service.adapter_folder(root, user_id, version)
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text("{}")
+    adapter = adapter_service.register_adapter(
+        session,
+        user_id,
+        folder,
+        job_id=None,
+        method="bapo",
+        metrics={},
+        gate_passed=True,
+        gate_reason=None,
+    )
+    return adapter.version
+
+
+def test_version_numbers_never_come_back_after_gc_or_any_deletion(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """GC removes v3 and v4 (newer than the active v2): the next version is v5, never v3 again.
+
+    An inference server may still hold `user-<id>-v3`; a new v3 would be served its old weights.
+    """
+    bapo(env, "create-user", "--id", "erin")
+    root = tmp_path / "adapters"
+    engine = create_engine(env["DATABASE_URL"])
+    with Session(engine) as session, session.begin():
+        assert [register_next(session, root, "erin") for _ in range(4)] == [1, 2, 3, 4]
+        adapter_service.activate(session, "erin", "v2", root)
+    assert bapo(env, "gc-adapters")["collected"] == {"erin": ["v3", "v4"]}
+    with Session(engine) as session, session.begin():
+        assert register_next(session, root, "erin") == 5
+        # Any other deletion of adapter rows (here raw SQL) cannot lower the next version either.
+        session.execute(delete(Adapter).where(Adapter.user_id == "erin"))
+    with Session(engine) as session, session.begin():
+        assert adapter_service.next_version(session, "erin") == 6
+    engine.dispose()

@@ -1,12 +1,13 @@
-"""A user's adapter versions: list, and activate one (roll back or forward)."""
+"""A user's adapter versions: list, activate one (roll back or forward, pinning it), unpin."""
 
 from __future__ import annotations
 
+from pathlib import Path as FsPath
 from typing import Annotated
 
 from fastapi import APIRouter, Path
 
-from app.api.deps import SessionDep, UserIdDep
+from app.api.deps import SessionDep, SettingsDep, UserIdDep
 from app.api.routes.generate import HandlerDep
 from app.models import Adapter
 from app.schemas.adapters import AdapterList, AdapterOut
@@ -18,37 +19,53 @@ router = APIRouter(prefix="/users/{user_id}/adapters", tags=["adapters"], respon
 
 
 @router.get("", response_model=AdapterList, summary="List adapter versions")
-def list_adapters(user_id: UserIdDep, session: SessionDep) -> AdapterList:
+def list_adapters(user_id: UserIdDep, session: SessionDep, settings: SettingsDep) -> AdapterList:
     """Every version with its metrics and gate result, newest first, and which one is active."""
-    return _listing(session, user_id)
+    return _listing(session, settings, user_id)
 
 
 @router.post("/{version}/activate", response_model=AdapterList, summary="Activate a version")
 def activate_adapter(
     user_id: UserIdDep,
     session: SessionDep,
+    settings: SettingsDep,
     handler: HandlerDep,
     version: Annotated[str, Path(max_length=12, description="`v3`, `3`, or `base` (no adapter).")],
 ) -> AdapterList:
-    """Serve this version by default from the next request on (404 unknown, 409 files missing)."""
+    """Serve this version by default from the next request on (404 unknown, 409 files missing).
+
+    Pins the choice, unless it is the newest version: new versions are then not activated.
+    """
     handler.activate(session, user_id, version)
-    return _listing(session, user_id)
+    return _listing(session, settings, user_id)
 
 
-def _listing(session: SessionDep, user_id: str) -> AdapterList:
-    """The versions and the active one."""
+@router.post("/unpin", response_model=AdapterList, summary="Follow new versions again")
+def unpin_adapter(user_id: UserIdDep, session: SessionDep, settings: SettingsDep) -> AdapterList:
+    """Clear the pin: the active version stays until a new version passes the gate."""
+    adapter_service.unpin(session, user_id)
+    return _listing(session, settings, user_id)
+
+
+def _listing(session: SessionDep, settings: SettingsDep, user_id: str) -> AdapterList:
+    """The versions, the active one and whether it is pinned."""
     rows = adapter_service.list_adapters(session, user_id)
-    active = user_service.get_user(session, user_id).active_adapter_version
-    return AdapterList(data=[_out(a, active) for a in rows], active_version=active)
+    user = user_service.get_user(session, user_id)
+    active, root = user.active_adapter_version, settings.adapters_path
+    return AdapterList(
+        data=[_out(a, active, root) for a in rows],
+        active_version=active,
+        pinned=user.active_adapter_pinned,
+    )
 
 
-def _out(adapter: Adapter, active: int | None) -> AdapterOut:
+def _out(adapter: Adapter, active: int | None, adapter_root: FsPath) -> AdapterOut:
     """One version as the API shows it."""
     return AdapterOut(
         version=adapter.version,
         name=adapter.name,
         active=adapter.version == active,
-        available=adapter_service.is_available(adapter),
+        available=adapter_service.is_available(adapter, adapter_root),
         method=adapter.method,
         job_id=adapter.job_id,
         metrics=adapter.metrics,

@@ -1,0 +1,128 @@
+"""The adapter store can move: adapter paths are kept relative to ADAPTER_DIR, resolved at use.
+
+A shared volume may be mounted at different paths on different nodes (or moved to a new disk).
+Here the store is copied from one folder to another, the original removed, and the app started
+again on the same Postgres database with ADAPTER_DIR pointing at the copy.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select, update
+
+from app.core.config import Settings
+from app.core.db import transaction
+from app.models import Adapter
+from app.services import adapters as adapter_service
+from tests.integration.generation_support import (
+    build_adapters,
+    generated,
+    model_dir,
+    one_torch_thread,
+    publish,
+)
+from tests.support import Api, LiveServer, make_settings, postgres_database
+
+
+@pytest.fixture
+def database() -> Iterator[str]:
+    """A fresh migrated Postgres database shared by both "nodes" of a test."""
+    with postgres_database() as url:
+        yield url
+
+
+@contextmanager
+def node(settings: Settings) -> Iterator[tuple[LiveServer, Api]]:
+    """The app running with these settings, and a client of it."""
+    server = LiveServer(settings).start()
+    api = Api(server.url)
+    try:
+        yield server, api
+    finally:
+        api.close()
+        server.stop()
+
+
+def move_store(source: Path, target: Path) -> None:
+    """Copy the whole store to its new place and remove the old one (nothing may point there)."""
+    shutil.copytree(source, target)
+    shutil.rmtree(source)
+
+
+def only_row(listing: dict[str, Any]) -> dict[str, Any]:
+    """The one adapter of a listing."""
+    rows = listing["data"]
+    assert len(rows) == 1, rows
+    row: dict[str, Any] = rows[0]
+    return row
+
+
+@pytest.mark.slow
+def test_a_moved_store_still_lists_and_serves_its_adapters(database: str, tmp_path: Path) -> None:
+    folder = build_adapters(tmp_path / "built", [2])[2]
+    old_root, new_root = tmp_path / "node-a" / "adapters", tmp_path / "node-b" / "mnt" / "store"
+    common: dict[str, Any] = {
+        "base_model": str(model_dir()),
+        "inference_backend": "local",
+        "local_threads": 1,
+    }
+    with one_torch_thread():
+        with node(make_settings(tmp_path / "a", database, adapter_dir=old_root, **common)) as (
+            server,
+            api,
+        ):
+            user_id, headers = api.create_user("mover")
+            assert publish(server, user_id, folder) == 1
+            with transaction(server.app.state.sessionmaker) as session:
+                stored = session.scalars(select(Adapter.path)).one()
+            assert stored == "mover/v1", "stored relative to the adapter store root"
+            before = generated(api, user_id, headers)
+            base = generated(api, user_id, headers, adapter="base")["text"]
+        move_store(old_root, new_root)
+        with node(make_settings(tmp_path / "b", database, adapter_dir=new_root, **common)) as (
+            _,
+            api,
+        ):
+            listing = api.http.get(f"/users/{user_id}/adapters", headers=headers).json()
+            row = only_row(listing)
+            assert (row["available"], row["active"]) == (True, True), listing
+            after = generated(api, user_id, headers)
+    assert (after["adapter_version"], after["text"]) == (1, before["text"])
+    assert after["text"] != base, "served with the adapter, not the base model"
+
+
+def test_rows_with_absolute_paths_from_older_releases_follow_the_store(
+    database: str, tmp_path: Path
+) -> None:
+    old_root, new_root = tmp_path / "node-a" / "adapters", tmp_path / "node-b" / "store"
+    with node(make_settings(tmp_path / "a", database, adapter_dir=old_root)) as (server, api):
+        user_id, headers = api.create_user("legacy")
+        with transaction(server.app.state.sessionmaker) as session:
+            folder = adapter_service.adapter_folder(old_root, user_id, 1)
+            folder.mkdir(parents=True)
+            (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+            adapter_service.register_adapter(
+                session,
+                user_id,
+                folder,
+                job_id=None,
+                method="bapo",
+                metrics=None,
+                gate_passed=True,
+                gate_reason=None,
+            )
+            # What releases before relative paths stored: the absolute folder on the writer.
+            session.execute(update(Adapter).values(path=str(folder.resolve())))
+    move_store(old_root, new_root)
+    with node(make_settings(tmp_path / "b", database, adapter_dir=new_root)) as (_, api):
+        listing = api.http.get(f"/users/{user_id}/adapters", headers=headers).json()
+        assert only_row(listing)["available"] is True, listing
+        response = api.http.post(f"/users/{user_id}/adapters/v1/activate", headers=headers)
+        assert response.status_code == 200, response.text
