@@ -23,6 +23,7 @@ from app.core.db import transaction
 from app.services import jobs as job_service
 from worker.caches import base_response_cache, reference_logprob_cache
 from worker.jobs import JobStopped, RunningJob, finite, is_transient, session_factory
+from worker.servable import check_servable
 
 if TYPE_CHECKING:
     from worker.training.config import TrainConfig
@@ -107,6 +108,7 @@ def _train_gate_publish(job: RunningJob, staging: Path) -> int:
         on_phase=job.on_phase,
         should_cancel=job.should_stop,
     )
+    check_servable(job.settings, staging)  # before the gate: a refused adapter fails at once
     job.on_phase("gate")
     retention = measure_retention(job.settings, model_path, staging)
     verdict = gate_verdict(job.settings, float(retention["delta"]), anchor_logratio(result))

@@ -10,6 +10,8 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PLACEHOLDER_SECRETS = {"changeme", "change-me", "changethis", "secret", "operator"}
+# The linear projections vLLM applies LoRA to in Llama-style models (the bundled one included).
+LLAMA_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class Settings(BaseSettings):
@@ -117,6 +119,37 @@ class Settings(BaseSettings):
         default_factory=dict,
         description="Server-wide hyperparameter defaults (JSON object), under each job's own.",
     )
+    # Upper bounds on what one job may ask for (422 above them), so that one key cannot hold a GPU
+    # for hours nor train an adapter the inference server refuses to load.
+    train_max_steps: int = Field(2000, ge=1, description="Largest `max_steps` of a job.")
+    train_max_epochs: int = Field(20, ge=1, description="Largest `epochs` of a job.")
+    train_max_batch_size: int = Field(
+        64, ge=1, description="Largest `batch_size`, `base_batch_size` and `score_batch_size`."
+    )
+    train_max_grad_accum_steps: int = Field(
+        16, ge=1, description="Largest `grad_accum_steps` of a job."
+    )
+    train_max_prompt_tokens: int = Field(
+        2048, ge=8, description="Largest `max_prompt_tokens` of a job."
+    )
+    train_max_response_tokens: int = Field(
+        1024, ge=1, description="Largest `max_response_tokens` and `base_max_new_tokens`."
+    )
+    vllm_max_lora_rank: int = Field(
+        64,
+        ge=1,
+        description=(
+            "vLLM's `--max-lora-rank` (compose passes it): a larger `lora_rank` is refused, and "
+            "an adapter above it is never published."
+        ),
+    )
+    vllm_lora_modules: list[str] = Field(
+        default_factory=lambda: list(LLAMA_LORA_MODULES),
+        description=(
+            "Modules the inference server applies LoRA to (vLLM: the model's linear projections); "
+            "`target_modules` outside them are refused."
+        ),
+    )
     job_heartbeat_s: float = Field(
         15.0, gt=0, description="How often a running job writes its heartbeat."
     )
@@ -170,6 +203,15 @@ class Settings(BaseSettings):
         except (ConfigError, TypeError) as exc:
             raise ValueError(f"TRAIN_DEFAULTS: {exc}") from exc
         return value
+
+    @model_validator(mode="after")
+    def _train_defaults_within_bounds(self) -> Settings:
+        from app.core.train_limits import limit_violations
+        from worker.training.config import TrainConfig  # pure Python, no torch
+
+        for name, message in limit_violations(self, TrainConfig.from_dict(self.train_defaults)):
+            raise ValueError(f"TRAIN_DEFAULTS: {name} {message}")
+        return self
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.core.errors import BadRequest, Conflict, InvalidRequest, NotFound
+from app.core.train_limits import limit_violations
 from app.models import ACTIVE_JOB_STATUSES, JobEvent, PreferencePair, TrainingJob, utcnow
 from app.queue import enqueue_training
 from app.services.users import get_user
@@ -85,7 +86,9 @@ def resolve_hyperparameters(
     if method is not None:
         merged["method"] = method
     merged["served_model_name"] = settings.served_model_name
-    return _validated(merged).to_dict()
+    config = _validated(merged)
+    _check_limits(settings, config)
+    return config.to_dict()
 
 
 def _validated(values: dict[str, Any]) -> TrainConfig:
@@ -115,6 +118,16 @@ def _validated(values: dict[str, Any]) -> TrainConfig:
         raise InvalidRequest(
             f"hyperparameters.{exc}", "invalid_hyperparameters", param=param
         ) from exc
+
+
+def _check_limits(settings: Settings, config: TrainConfig) -> None:
+    """A 422 naming the first hyperparameter above the operator's bounds (TRAIN_MAX_*, VLLM_*)."""
+    for name, message in limit_violations(settings, config):
+        raise InvalidRequest(
+            f"hyperparameters.{name}: {message}",
+            "invalid_hyperparameters",
+            param=f"hyperparameters.{name}",
+        )
 
 
 def start_job(
