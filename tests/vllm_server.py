@@ -46,6 +46,7 @@ class VllmServer:
     served_name: str
     log_path: Path
     max_loras: int = 2
+    api_key: str | None = None  # set: vLLM refuses /v1/* without it (VLLM_API_KEY, as in compose)
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     startup_s: float = 0.0
@@ -53,6 +54,11 @@ class VllmServer:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """What a client of this server sends (its API key, if it has one)."""
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def command(self) -> list[str]:
         """The server's command line."""
@@ -83,8 +89,10 @@ class VllmServer:
 
     def environment(self) -> dict[str, str]:
         """Runtime LoRA updates on, a small KV cache, nothing fetched from outside."""
+        key = {"VLLM_API_KEY": self.api_key} if self.api_key else {}
         return {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if k != "VLLM_API_KEY"},
+            **key,
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
             "VLLM_CPU_KVCACHE_SPACE": "2",
             "HF_HUB_OFFLINE": "1",

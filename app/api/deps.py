@@ -72,6 +72,19 @@ def require_operator(principal: PrincipalDep) -> Principal:
 OperatorDep = Annotated[Principal, Depends(require_operator)]
 
 
+def metrics_access(
+    request: Request,
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> None:
+    """Only the operator key, when METRICS_REQUIRE_OPERATOR_KEY is on (else 401/403)."""
+    if request.app.state.settings.metrics_require_operator_key:
+        get_principal(request, session, credentials).require_operator()
+
+
+MetricsAccessDep = Depends(metrics_access)
+
+
 def authorized_user_id(
     principal: PrincipalDep,
     user_id: Annotated[str, Path(description="User id ([A-Za-z0-9_.-]{1,64}).", max_length=64)],

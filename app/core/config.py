@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     allow_anonymous_local: bool = Field(
         False, description="Treat requests without a key as the operator (local use only)."
     )
+    metrics_require_operator_key: bool = Field(
+        True,
+        description="GET /metrics needs the operator key (Prometheus: bearer token); false = open.",
+    )
 
     # --- input limits --------------------------------------------------------------------------
     max_text_chars: int = Field(8000, ge=1, description="Longest prompt/chosen/rejected text.")

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -52,6 +53,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
             "LOG_JSON": "true",
             "HF_HUB_OFFLINE": "1",
             "OMP_NUM_THREADS": "1",
+            "METRICS_REQUIRE_OPERATOR_KEY": str(
+                _compose_services()["api"]["environment"]["METRICS_REQUIRE_OPERATOR_KEY"]
+            ).lower(),  # YAML reads the compose default `true` as a boolean
         }
 
 
@@ -169,7 +173,8 @@ def _generate_and_scrape(base: str) -> None:
         timeout=120,
     )
     assert streamed.status_code == 200 and "[DONE]" in streamed.text
-    text = httpx.get(f"{base}/metrics").text
+    assert httpx.get(f"{base}/metrics").status_code == 401  # compose: the operator key only
+    text = httpx.get(f"{base}/metrics", headers=operator).text
     for needle in (
         "bapo_feedback_pairs_stored_total 4.0",
         'bapo_training_jobs{status="succeeded"} 1.0',
@@ -201,6 +206,37 @@ def _pinged(node: str, env: dict[str, str]) -> bool:
         check=False,
     )
     return node in done.stdout
+
+
+def _healthcheck(service: dict[str, Any], env: dict[str, str]) -> tuple[int, str]:
+    """Run a service's CMD-SHELL health check as docker would: (exit code, output)."""
+    kind, shell = service["healthcheck"]["test"]
+    assert kind == "CMD-SHELL"
+    done = subprocess.run(
+        ["sh", "-c", shell.replace("$$", "$")],  # compose's `$$` is a literal `$` in the container
+        cwd=REPO_ROOT,
+        env={**env, "PATH": f"{BIN}:{env['PATH']}", "HOSTNAME": socket.gethostname()},
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_worker_healthchecks_ping_their_own_node(env: dict[str, str], tmp_path: Path) -> None:
+    """With only the ops worker up, its check passes and the GPU worker's fails (no node of its)."""
+    services = _compose_services()
+    log = tmp_path / "ops-worker.log"
+    proc = _start(services["ops-worker"]["command"], env, log)
+    try:
+        _wait_for(lambda: _pinged("default@", env), 90, "ops-worker answering ping", log)
+        code, output = _healthcheck(services["ops-worker"], env)
+        assert code == 0 and "default@" in output, output
+        code, output = _healthcheck(services["worker"], env)  # a bare `inspect ping` would pass
+        assert code != 0 and "No nodes replied" in output, output
+    finally:
+        _stop(proc)
 
 
 def test_celery_executable_exists() -> None:

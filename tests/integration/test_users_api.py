@@ -157,7 +157,7 @@ def test_metrics_count_requests_by_route_and_pairs(api: Api) -> None:
     _, alice = api.create_user("alice")
     pair = {"prompt": "p", "chosen": "a", "rejected": "b"}
     api.http.post("/users/alice/feedback", json={"pairs": [pair, pair]}, headers=alice)
-    text = api.http.get("/metrics").text
+    text = api.http.get("/metrics", headers=api.operator).text
     assert (
         'bapo_http_requests_total{method="POST",route="/users/{user_id}/feedback",status="201"}'
         in text

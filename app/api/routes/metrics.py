@@ -5,11 +5,23 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from app.api.deps import MetricsAccessDep
+from app.schemas.common import ERROR_RESPONSES
+
 router = APIRouter(tags=["health"])
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    dependencies=[MetricsAccessDep],
+    responses={status: ERROR_RESPONSES[status] for status in (401, 403, 503)},
+)
 def metrics(request: Request) -> Response:
-    """Request counts/latency by route, pairs stored, jobs by status, training/generate speed."""
+    """Request counts/latency by route, pairs stored, jobs by status, training/generate speed.
+
+    With METRICS_REQUIRE_OPERATOR_KEY (the default) only the operator key may scrape.
+    """
     body = generate_latest(request.app.state.metrics.registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
