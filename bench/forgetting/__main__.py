@@ -32,7 +32,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="result JSON; the .md table and .png plot go next to it (default: "
         "bench/results/forgetting.json, forgetting-quick.json with --quick)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--data-seed", type=int, default=0, help="fixes the users' slices and the MC subsets"
+    )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="ignore the runs already recorded in --out (default: resume and skip them)",
+    )
     parser.add_argument(
         "--work-dir",
         type=Path,
@@ -78,16 +85,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.perf_counter() - started:7.0f}s] {message}", flush=True)
 
     model_path = prepare_base_model(args.model_data_dir)
-    log(f"{plan.mode} mode, seed {args.seed}, data {data_dir}, model {model_path}")
+    log(f"{plan.mode} mode, data seed {args.data_seed}, data {data_dir}, model {model_path}")
     run_benchmark(
         plan,
-        seed=args.seed,
+        data_seed=args.data_seed,
         data_dir=data_dir,
         model_path=model_path,
         work_dir=args.work_dir,
         out_path=args.out.resolve(),
         log=log,
         keep_adapters=args.keep_adapters,
+        resume=not args.fresh,
     )
     return 0
 

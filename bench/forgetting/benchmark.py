@@ -1,4 +1,9 @@
-"""The whole benchmark: base measurements, the runs in order, selection, summary and outputs."""
+"""The whole benchmark: base measurements, the three phases in order, outputs, and resuming.
+
+Every finished run is written into the result JSON at once; a restart with the same plan and data
+seed reads it back and skips those runs, so a stopped run (a session ending, a crash) loses at
+most the run in progress. Selection reads only validation runs; the final phase runs after it.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.forgetting import report
-from bench.forgetting.plan import Plan
-from bench.forgetting.runner import Log, Method, Session, measure_base, open_session, run_one
+from bench.forgetting import report, select
+from bench.forgetting.plan import Plan, Setting
+from bench.forgetting.runner import Log, RunSpec, Session, measure_base, open_session, run_one
 
 Record = dict[str, Any]
 
@@ -45,26 +50,61 @@ def machine_info() -> Record:
     }
 
 
-def run_order(session: Session) -> list[tuple[str, Method]]:
-    """DPO and default BAPO for every user first, then the λ sweep on the sweep users."""
-    plan = session.plan
-    default = Method("bapo", plan.default_lambda)
-    order = [(u.name, m) for u in session.users for m in (Method("dpo"), default)]
-    sweep_users = plan.sweep_users or [u.name for u in session.users]
-    for lam in plan.sweep_lambdas:
-        order += [(name, Method("bapo", lam)) for name in sweep_users if _has(session, name)]
-    return order
+def previous_runs(out_path: Path, plan: Plan, data_seed: int, log: Log) -> list[Record]:
+    """Runs recorded by an earlier invocation of the same plan and data seed (resume)."""
+    if not out_path.is_file():
+        return []
+    try:
+        earlier = json.loads(out_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return []
+    same_plan = earlier.get("plan") == json.loads(json.dumps(plan.to_dict()))
+    if not same_plan or earlier.get("data_seed") != data_seed:
+        log(f"{out_path} holds another plan or seed: starting afresh")
+        return []
+    runs = list(earlier.get("runs", []))
+    log(f"resuming: {len(runs)} recorded runs in {out_path} are kept and skipped")
+    return runs
 
 
-def _has(session: Session, user_name: str) -> bool:
-    """Whether this run built the named user."""
-    return any(u.name == user_name for u in session.users)
+class Benchmark:
+    """One invocation: the session, the recorded runs, and how to add one."""
+
+    def __init__(self, session: Session, out_path: Path, header: Record, runs: list[Record]):
+        self.session, self.out_path, self.header = session, out_path, header
+        self.runs = runs
+        self.started = time.perf_counter()
+        self.keep_adapters = False
+
+    def done(self, spec: RunSpec) -> bool:
+        """Whether this run is already recorded."""
+        return any(r["key"] == spec.key for r in self.runs)
+
+    def ensure(self, specs: list[RunSpec]) -> None:
+        """Run every spec not yet recorded, recording each as it finishes."""
+        for spec in specs:
+            if self.done(spec):
+                continue
+            log = self.session.log
+            log(f"run {len(self.runs) + 1}: {spec.key}")
+            record = run_one(self.session, spec)
+            self.runs.append(record)
+            _log_run(log, record)
+            if not self.keep_adapters:
+                shutil.rmtree(self.session.work_dir / "adapters", ignore_errors=True)
+            self.write("running")
+
+    def write(self, status: str) -> Record:
+        """Assemble and write the result JSON atomically."""
+        result = assemble(self.session, self.runs, self.header, self.started, status)
+        _write(self.out_path, result)
+        return result
 
 
 def run_benchmark(
     plan: Plan,
     *,
-    seed: int,
+    data_seed: int,
     data_dir: Path,
     model_path: Path,
     work_dir: Path,
@@ -72,53 +112,49 @@ def run_benchmark(
     log: Log,
     keep_adapters: bool = False,
     make_plot: bool = True,
+    resume: bool = True,
 ) -> Record:
-    """Run everything, writing out_path after each run (status 'running') and at the end."""
-    started, started_at = time.perf_counter(), _now()
-    run_dir = work_dir / "runs" / started_at.replace(":", "")
+    """Run (or finish) every phase, writing out_path after each run and at the end."""
+    started_at = _now()
+    runs = previous_runs(out_path, plan, data_seed, log) if resume else []
     session = open_session(
         plan,
-        seed,
+        data_seed,
         data_dir=data_dir,
         model_path=model_path,
-        work_dir=run_dir,
+        work_dir=work_dir / "runs" / started_at.replace(":", ""),
         cache_dir=work_dir / "cache",
         log=log,
     )
-    header = {"machine": machine_info(), "started_at": started_at, "seed": seed}
+    header = {"machine": machine_info(), "started_at": started_at, "data_seed": data_seed}
     measure_base(session)
-    runs: list[Record] = []
-
-    def do(user_name: str, method: Method) -> None:
-        user = next(u for u in session.users if u.name == user_name)
-        log(f"run {len(runs) + 1}: {user.name} / {method.label}")
-        record = run_one(session, user, method)
-        runs.append(record)
-        _log_run(log, record)
-        if not keep_adapters:
-            shutil.rmtree(run_dir / "adapters", ignore_errors=True)
-        _write(out_path, assemble(session, runs, header, started, "running"))
-
-    for user_name, method in run_order(session):
-        do(user_name, method)
-    lambdas = sorted({plan.default_lambda, *plan.sweep_lambdas})
-    selection = report.select_lambda(runs, lambdas)
-    chosen = selection.get("selected")
-    if chosen is not None and plan.selected_on_all_users:
-        for user in session.users:  # the selected λ on the users outside the sweep
-            if not any(
-                r["user"] == user.name and r["method_key"] == f"bapo@{chosen:g}" for r in runs
-            ):
-                do(user.name, Method("bapo", chosen))
-    result = assemble(session, runs, header, started, "done")
-    _write(out_path, result)
+    bench = Benchmark(session, out_path, header, runs)
+    bench.keep_adapters = keep_adapters
+    users = [u.name for u in session.users]
+    selection_users = [u for u in plan.selection_users if u in users]
+    bench.ensure(specs("dpo_tuning", selection_users, plan.dpo_grid(), plan.selection_seeds))
+    tuned = select.setting_of(select.tune_dpo(bench.runs)["selected"])
+    assert tuned is not None
+    variants = [s.at_budget(tuned.learning_rate, tuned.steps) for s in plan.bapo_grid]
+    bench.ensure(specs("bapo_variants", selection_users, variants, plan.selection_seeds))
+    default = select.setting_of(select.choose_default(bench.runs, tuned.key)["selected"])
+    final = [tuned] + ([default] if default is not None else [])
+    bench.ensure(specs("final", users, final, plan.final_seeds))
+    result = bench.write("done")
     write_report(out_path, result, make_plot=make_plot)
     log(f"done in {result['duration_s'] / 60:.1f} min → {out_path}")
     return result
 
 
+def specs(
+    phase: str, users: list[str], settings: list[Setting], seeds: tuple[int, ...]
+) -> list[RunSpec]:
+    """Every (user, setting, seed) of a phase, users outermost so each user finishes early."""
+    return [RunSpec(phase, u, s, seed) for u in users for s in settings for seed in seeds]
+
+
 def write_report(out_path: Path, result: Record | None = None, make_plot: bool = True) -> None:
-    """The Markdown table and the PNG next to the result JSON (read from it when not given)."""
+    """The Markdown tables and the PNG next to the result JSON (read from it when not given)."""
     if result is None:
         result = json.loads(out_path.read_text(encoding="utf-8"))
     out_path.with_suffix(".md").write_text(report.markdown(result), encoding="utf-8")
@@ -129,66 +165,82 @@ def write_report(out_path: Path, result: Record | None = None, make_plot: bool =
 def assemble(
     session: Session, runs: list[Record], header: Record, started: float, status: str
 ) -> Record:
-    """The result document (every number, the config, the machine, the duration)."""
+    """The result document (every number, the plan, the machine, the duration)."""
     plan = session.plan
-    base_hits = {n: "".join(str(int(h)) for h in o.hits) for n, o in session.base_knowledge.items()}
-    pooled_base = [h for o in session.base_knowledge.values() for h in o.hits]
-    pooled_hh = [h for hits in session.base_alignment.values() for h in hits]
-    lambdas = sorted({plan.default_lambda, *plan.sweep_lambdas})
-    selection = report.select_lambda(runs, lambdas) if runs else {"selected": None}
-    goal: Record = {}
-    if runs:
-        goal["default"] = report.goal_check(runs, f"bapo@{plan.default_lambda:g}", base_hits)
-        if selection.get("selected") is not None:
-            goal["selected"] = report.goal_check(runs, f"bapo@{selection['selected']:g}", base_hits)
+    dpo = select.tune_dpo(runs)
+    selection: Record = {"dpo": dpo}
+    goal: Record = {**select.EMPTY_GOAL, "reason": "selection not finished"}
+    if dpo.get("selected_key"):
+        selection["default"] = select.choose_default(runs, dpo["selected_key"])
+        bapo_key = selection["default"].get("selected_key")
+        if bapo_key:
+            finals = [r for r in runs if r["phase"] == "final"]
+            goal = select.goal(finals, dpo["selected_key"], bapo_key)
+            selection["final"] = {
+                key: select.point([r for r in finals if r["setting_key"] == key])
+                for key in (dpo["selected_key"], bapo_key)
+                if any(r["setting_key"] == key for r in finals)
+            }
     machine = dict(header["machine"], load_average_now=list(os.getloadavg()))
     return {
         "benchmark": "forgetting",
         "status": status,
         "mode": plan.mode,
-        "seed": header["seed"],
+        "data_seed": header["data_seed"],
         "started_at": header["started_at"],
         "finished_at": _now(),
         "duration_s": time.perf_counter() - started,
+        "run_wall_s": sum(r["train_wall_s"] + r["eval_wall_s"] for r in runs),
         "machine": machine,
         "model": {"path": str(session.model_path), "identity": session.identity},
         "data_dir": str(session.data_dir),
         "plan": plan.to_dict(),
-        "train_config": session.config.to_dict(),
-        "methods_differ_only_in": ["method", "anchor_weight"],
         "timings_s": session.timings,
         "cache_entries_at_start": session.cache_at_start,
-        "base": {
-            "knowledge_screening": session.screening,
-            "knowledge_kept": list(session.knowledge),
-            "knowledge_hits": base_hits,
-            "knowledge_pooled_accuracy": sum(pooled_base) / max(1, len(pooled_base)),
-            "alignment": {
-                split: {
-                    "accuracy": sum(h) / max(1, len(h)),
-                    "n": len(h),
-                    "hits": "".join(str(int(x)) for x in h),
-                }
-                for split, h in session.base_alignment.items()
-            },
-            "alignment_pooled_accuracy": sum(pooled_hh) / max(1, len(pooled_hh)),
-            "users": session.base_preference,
-        },
+        "base": base_record(session),
         "users": [u.describe() for u in session.users],
         "runs": runs,
-        "summary": report.summarize(runs, base_hits) if runs else {},
         "selection": selection,
         "goal": goal,
     }
 
 
+def base_record(session: Session) -> Record:
+    """The base model's measurements the report needs."""
+    return {
+        "knowledge_screening": session.screening,
+        "knowledge_kept": list(session.knowledge.get("final", {})),
+        "knowledge_questions": {
+            scope: sum(len(q) for q in sets.values()) for scope, sets in session.knowledge.items()
+        },
+        "alignment": {
+            split: {"accuracy": sum(h) / max(1, len(h)), "n": len(h)}
+            for split, h in session.base_alignment.items()
+        },
+        "nll_bound": session.nll_bound,
+        "users": {
+            user: {
+                s: {
+                    "persona": base.persona,
+                    "mean_nll": sum(base.nll) / max(1, len(base.nll)),
+                    "degenerate_fraction": sum(base.degenerate) / max(1, len(base.degenerate)),
+                    "pairs": session.base_preference[user][s],
+                }
+                for s, base in slices.items()
+            }
+            for user, slices in session.base_slices.items()
+        },
+    }
+
+
 def _log_run(log: Log, record: Record) -> None:
     """One line per finished run."""
-    test = record["preference"]["test"]
-    knowledge = record["knowledge"]["pooled"]
+    knowledge, persona = record["knowledge"]["pooled"], record["persona"]
     log(
-        f"  pref acc {test['preference_accuracy']:.2f}, anchor {test['anchor_logratio']:+.1f}, "
+        f"  persona movement {persona['movement']:+.3f} (win {persona['win_rate']:.2f}), "
+        f"degenerate {record['fluency']['degenerate_fraction']:.2f}, "
         f"knowledge Δ {100 * knowledge['delta']:+.1f} ± {100 * knowledge['delta_stderr']:.1f} pp"
+        f", anchor {record['preference']['anchor_logratio']:+.1f}"
         f" (train {record['train_wall_s']:.0f}s, eval {record['eval_wall_s']:.0f}s)"
     )
 

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from bench.forgetting.datasets import ScoredPair
-from worker.training.anchors import generate_base_responses
 from worker.training.config import TrainConfig
-from worker.training.data import EncodedPair, Messages, encode_prompt, encode_response
+from worker.training.data import EncodedPair, encode_prompt, encode_response
 from worker.training.evaluate import (
     MCQuestion,
     MCResult,
@@ -53,6 +52,19 @@ def paired_change(before: Sequence[float], after: Sequence[float]) -> dict[str, 
         raise ValueError("paired samples differ in length")
     diffs = [a - b for a, b in zip(after, before, strict=True)]
     return {"delta": mean(diffs), "stderr": stderr(diffs), "n": float(len(diffs))}
+
+
+def persona_movement(base: Sequence[float], adapter: Sequence[float]) -> dict[str, Any]:
+    """Per prompt, adapter persona score − the base answer's: mean shift, stderr, win rate."""
+    moves = [a - b for a, b in zip(adapter, base, strict=True)]
+    wins = [1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in moves]
+    return {
+        "movement": mean(moves),
+        "movement_stderr": stderr(moves),
+        "win_rate": mean(wins),
+        "moves": moves,
+        "scores": list(adapter),
+    }
 
 
 # --- multiple choice --------------------------------------------------------------------------
@@ -225,22 +237,3 @@ def friendliness(text: str) -> float:
 
 
 RULES = {"word_count": word_count, "reading_grade": reading_grade, "friendliness": friendliness}
-
-
-def generate(
-    model: CausalLM,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[Messages],
-    max_new_tokens: int,
-    batch_size: int,
-    max_prompt_tokens: int,
-) -> list[str]:
-    """Greedy answers of `model` (adapter enabled, if any) with the engine's batched generator."""
-    return generate_base_responses(
-        model,
-        tokenizer,
-        list(prompts),
-        max_new_tokens,
-        batch_size,
-        max_prompt_tokens=max_prompt_tokens,
-    )

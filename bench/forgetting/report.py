@@ -1,171 +1,17 @@
-"""Aggregates over runs (per method), λ selection on validation, the goal check, table and plot."""
+"""The result JSON as Markdown tables and a PNG: goal, final test table, per-user figures, the
+paired difference, DPO tuning and the validation frontier, example answers, MC screening."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.forgetting.measures import mean, stderr
+from bench.forgetting import select
 
-GOAL_LOSS_RATIO = 1 / 3  # BAPO's knowledge loss at most a third of DPO's ...
-GOAL_PREFERENCE_RATIO = 0.95  # ... at held-out preference accuracy at least 95% of DPO's
 Record = dict[str, Any]
-
-
-def _hits(text: str) -> list[float]:
-    """Per-question outcomes stored as a string of 0/1."""
-    return [float(c) for c in text]
-
-
-def pooled_knowledge_change(runs: Sequence[Record], base_hits: dict[str, str]) -> dict[str, float]:
-    """Accuracy change vs base averaged over runs, per question; stderr over questions (paired)."""
-    per_question: list[float] = []
-    for name, base_text in base_hits.items():
-        base = _hits(base_text)
-        columns = [_hits(run["knowledge"][name]["hits"]) for run in runs]
-        for i, b in enumerate(base):
-            per_question.append(mean([col[i] - b for col in columns]))
-    return {"delta": mean(per_question), "delta_stderr": stderr(per_question)}
-
-
-def _combined_stderr(errors: Sequence[float]) -> float:
-    """Stderr of a mean of independent estimates."""
-    return math.sqrt(sum(e * e for e in errors)) / len(errors) if errors else 0.0
-
-
-def method_summary(runs: Sequence[Record], base_hits: dict[str, str]) -> Record:
-    """Means over the users a method was run on."""
-    test = [run["preference"]["test"] for run in runs]
-    rules = [run["rule"] for run in runs if "rule" in run]
-    knowledge = pooled_knowledge_change(runs, base_hits)
-    return {
-        "label": runs[0]["label"],
-        "anchor_weight": runs[0]["anchor_weight"],
-        "users": [run["user"] for run in runs],
-        "knowledge_delta": knowledge["delta"],
-        "knowledge_delta_stderr": knowledge["delta_stderr"],
-        "knowledge_delta_per_user": {r["user"]: r["knowledge"]["pooled"]["delta"] for r in runs},
-        "test_preference_accuracy": mean([t["preference_accuracy"] for t in test]),
-        "test_preference_accuracy_stderr": _combined_stderr(
-            [t["preference_accuracy_stderr"] for t in test]
-        ),
-        "test_likelihood_accuracy": mean([t["likelihood_accuracy"] for t in test]),
-        "validation_preference_accuracy": mean(
-            [run["preference"]["validation"]["preference_accuracy"] for run in runs]
-        ),
-        "test_anchor_logratio": mean([t["anchor_logratio"] for t in test]),
-        "test_anchor_below_frac": mean([t["anchor_below_frac"] for t in test]),
-        "alignment_delta": mean([run["alignment"]["pooled"]["delta"] for run in runs]),
-        "alignment_delta_stderr": _combined_stderr(
-            [run["alignment"]["pooled"]["delta_stderr"] for run in runs]
-        )
-        * math.sqrt(len(runs)),  # same pairs for every user: errors are not independent
-        "rule_win_rate": mean([r["win_rate"] for r in rules]) if rules else None,
-        "rule_users": [run["user"] for run in runs if "rule" in run],
-        "train_wall_s": sum(run["train_wall_s"] for run in runs),
-        "eval_wall_s": sum(run["eval_wall_s"] for run in runs),
-    }
-
-
-def summarize(runs: Sequence[Record], base_hits: dict[str, str]) -> dict[str, Record]:
-    """method key → method_summary, DPO first, then BAPO by λ."""
-    keys = sorted({r["method_key"] for r in runs}, key=_method_order)
-    return {k: method_summary([r for r in runs if r["method_key"] == k], base_hits) for k in keys}
-
-
-def _method_order(key: str) -> tuple[int, float]:
-    """DPO first, then BAPO by increasing λ."""
-    return (0, 0.0) if key == "dpo" else (1, float(key.split("@")[1]))
-
-
-def select_lambda(runs: Sequence[Record], lambdas: Sequence[float]) -> Record:
-    """Largest λ whose mean VALIDATION preference accuracy is ≥ 95% of DPO's on the same users.
-
-    Only users that ran DPO and every λ count. A larger λ anchors harder (less drift, less
-    forgetting), so among λ that keep the preference goal on validation the largest is chosen;
-    test slices and test MC subsets are never looked at.
-    """
-    by_user: dict[str, dict[str, Record]] = {}
-    for run in runs:
-        by_user.setdefault(run["user"], {})[run["method_key"]] = run
-    keys = ["dpo"] + [f"bapo@{lam:g}" for lam in lambdas]
-    users = sorted(u for u, done in by_user.items() if all(k in done for k in keys))
-    if not users:
-        return {"selected": None, "reason": "no user ran DPO and the whole sweep"}
-
-    def validation(key: str, field: str) -> float:
-        return mean([by_user[u][key]["preference"]["validation"][field] for u in users])
-
-    dpo = validation("dpo", "preference_accuracy")
-    curve = {
-        f"{lam:g}": {
-            "validation_preference_accuracy": validation(f"bapo@{lam:g}", "preference_accuracy"),
-            "validation_anchor_logratio": validation(f"bapo@{lam:g}", "anchor_logratio"),
-        }
-        for lam in sorted(lambdas)
-    }
-    eligible = [
-        lam
-        for lam in sorted(lambdas)
-        if curve[f"{lam:g}"]["validation_preference_accuracy"] >= GOAL_PREFERENCE_RATIO * dpo
-    ]
-    selected = max(eligible) if eligible else min(lambdas)
-    return {
-        "selected": selected,
-        "users": users,
-        "dpo_validation_preference_accuracy": dpo,
-        "dpo_validation_anchor_logratio": validation("dpo", "anchor_logratio"),
-        "curve": curve,
-        "eligible": eligible,
-        "rule": "largest λ with mean validation preference accuracy >= 0.95 × DPO's "
-        "(none eligible: the smallest λ)",
-    }
-
-
-def goal_check(runs: Sequence[Record], bapo_key: str, base_hits: dict[str, str]) -> Record:
-    """BAPO vs DPO on the users both ran: loss ratio, preference ratio, and whether DPO forgot."""
-    users = {r["user"] for r in runs if r["method_key"] == bapo_key} & {
-        r["user"] for r in runs if r["method_key"] == "dpo"
-    }
-    if not users:
-        return {"bapo": bapo_key, "users": [], "met": False, "reason": "no common users"}
-    dpo = method_summary(
-        [r for r in runs if r["method_key"] == "dpo" and r["user"] in users], base_hits
-    )
-    bapo = method_summary(
-        [r for r in runs if r["method_key"] == bapo_key and r["user"] in users], base_hits
-    )
-    dpo_loss, bapo_loss = -dpo["knowledge_delta"], -bapo["knowledge_delta"]
-    dpo_forgets = dpo_loss > 2 * dpo["knowledge_delta_stderr"]
-    loss_ratio = bapo_loss / dpo_loss if dpo_loss > 0 else None
-    pref_ratio = (
-        bapo["test_preference_accuracy"] / dpo["test_preference_accuracy"]
-        if dpo["test_preference_accuracy"] > 0
-        else None
-    )
-    loss_ok = loss_ratio is not None and loss_ratio <= GOAL_LOSS_RATIO
-    pref_ok = pref_ratio is not None and pref_ratio >= GOAL_PREFERENCE_RATIO
-    return {
-        "bapo": bapo_key,
-        "users": sorted(users),
-        "dpo_knowledge_loss": dpo_loss,
-        "dpo_knowledge_loss_stderr": dpo["knowledge_delta_stderr"],
-        "dpo_forgets_beyond_2se": dpo_forgets,
-        "bapo_knowledge_loss": bapo_loss,
-        "bapo_knowledge_loss_stderr": bapo["knowledge_delta_stderr"],
-        "loss_ratio": loss_ratio,
-        "loss_ratio_ok": loss_ok,
-        "dpo_test_preference_accuracy": dpo["test_preference_accuracy"],
-        "bapo_test_preference_accuracy": bapo["test_preference_accuracy"],
-        "preference_ratio": pref_ratio,
-        "preference_ratio_ok": pref_ok,
-        "met": bool(dpo_forgets and loss_ok and pref_ok),
-    }
-
-
-# --- Markdown ---------------------------------------------------------------------------------
+EXAMPLES_PER_USER = 2
+EXAMPLE_CHARS = 220
 
 
 def _pp(value: float | None, err: float | None = None) -> str:
@@ -181,250 +27,303 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.0f}%"
 
 
+def _num(value: float | None, fmt: str = "+.3f") -> str:
+    """A number or a dash."""
+    return "–" if value is None else format(value, fmt)
+
+
 def markdown(result: Record) -> str:
-    """The results as Markdown: method table, per-user table, MC screening, goal."""
-    lines = [_header(result), "", *method_table(result), "", *user_table(result), ""]
-    sweep = sweep_table(result)
-    lines += [*sweep, ""] if sweep else []
-    lines += [*screening_table(result), "", *goal_lines(result)]
-    return "\n".join(lines) + "\n"
+    """Every table of the report, in reading order."""
+    sections = [
+        [_header(result)],
+        goal_lines(result),
+        final_table(result),
+        user_table(result),
+        dpo_table(result),
+        frontier_table(result),
+        examples(result),
+        screening_table(result),
+    ]
+    return "\n\n".join("\n".join(s) for s in sections if s) + "\n"
 
 
 def _header(result: Record) -> str:
     """One line on what was run."""
     plan, machine = result["plan"], result["machine"]
-    partial = "" if result["status"] == "done" else f"PARTIAL ({len(result['runs'])} runs so far). "
-    return partial + (
-        f"Mode `{result['mode']}`, seed {result['seed']}: {len(result['users'])} users, "
-        f"{plan['steps']} steps × batch {result['train_config']['batch_size']}, "
-        f"LoRA r{result['train_config']['lora_rank']}, lr {plan['learning_rate']:g}, "
-        f"β {result['train_config']['beta']:g}; {machine['cpu_model']} × {machine['cores']} cores, "
-        f"torch {machine['torch']}; {result['duration_s'] / 60:.0f} min."
+    status = "" if result["status"] == "done" else f"PARTIAL ({len(result['runs'])} runs so far). "
+    return status + (
+        f"Mode `{result['mode']}`: {len(result['users'])} users; selection on "
+        f"{', '.join(plan['selection_users'])} (seeds {plan['selection_seeds']}), final seeds "
+        f"{plan['final_seeds']}; {machine['cpu_model']} × {machine['cores']} cores, torch "
+        f"{machine['torch']}; {len(result['runs'])} runs, {result['run_wall_s'] / 60:.0f} min of "
+        "runs in all (resumed invocations add up)."
     )
 
 
-def method_table(result: Record) -> list[str]:
-    """One row per method (means over the users it ran on)."""
-    rows = [
-        "| method | users | held-out pref. acc. | rule win rate | knowledge Δ (pp ± se) "
-        "| HH alignment Δ (pp ± se) | base-anchor log-ratio (nats) |",
-        "|---|---|---|---|---|---|---|",
-        f"| base | – | 50% (tie) | 50% | 0 (pooled base acc "
-        f"{_pct(result['base']['knowledge_pooled_accuracy'])}) | 0 (base "
-        f"{_pct(result['base']['alignment_pooled_accuracy'])}) | 0 |",
+def goal_lines(result: Record) -> list[str]:
+    """The goal object in words."""
+    g = result["goal"]
+    if g.get("movement_ratio") is None and g.get("knowledge_loss_ratio") is None:
+        return [f"Goal: not evaluated yet ({g.get('reason', 'no final runs')})."]
+    diff = g.get("difference", {})
+    return [
+        f"**Goal** (default `{g['bapo']}` vs tuned `{g['dpo']}`, test slices, {g['users']} users "
+        f"× {g['seeds']} seeds): movement ratio {_num(g['movement_ratio'], '.2f')} (goal ≥ 0.8), "
+        f"knowledge-loss ratio {_num(g['knowledge_loss_ratio'], '.2f')} (goal ≤ 0.33), default "
+        f"fluent: {'yes' if g['fluency_ok'] else 'no'}; DPO forgets beyond 2 se: "
+        f"{'yes' if g['dpo_forgets'] else 'no'} ({_pp(-g['dpo_knowledge_loss'])} ± "
+        f"{100 * g['dpo_knowledge_loss_stderr']:.1f} pp); **met: {'yes' if g['met'] else 'no'}**.",
+        f"BAPO − DPO, paired per user and seed, stderr clustered by user: knowledge "
+        f"{_pp(diff.get('knowledge_delta'), diff.get('knowledge_delta_stderr'))} pp, persona "
+        f"movement {_num(diff.get('movement_delta'))} ± "
+        f"{_num(diff.get('movement_delta_stderr'), '.3f')} nats/token.",
     ]
-    for s in result["summary"].values():
-        rows.append(
-            f"| {s['label']} | {len(s['users'])} | {_pct(s['test_preference_accuracy'])} "
-            f"| {_pct(s['rule_win_rate'])} "
-            f"| {_pp(s['knowledge_delta'], s['knowledge_delta_stderr'])} "
-            f"| {_pp(s['alignment_delta'], s['alignment_delta_stderr'])} "
-            f"| {s['test_anchor_logratio']:+.1f} |"
-        )
-    return rows
+
+
+def _point_row(p: Record, marker: str = "") -> str:
+    """One table row of a setting's pooled figures."""
+    return (
+        f"| {p['label']}{marker} | {p['setting']['learning_rate']:g} | {p['setting']['steps']} "
+        f"| {_num(p['movement'])} ± {p['movement_stderr']:.3f} | {_pct(p['win_rate'])} "
+        f"| {_num(p['rule_toward_user'], '+.2f')} "
+        f"| {_pct(p['degenerate_fraction'])} ({_pct(p['base_degenerate_fraction'])}) "
+        f"| {p['mean_nll']:.2f} ({p['base_mean_nll']:.2f}) "
+        f"| {_pp(p['knowledge_delta'], p['knowledge_delta_stderr'])} "
+        f"| {p['anchor_logratio']:+.1f} | {'yes' if p['fluent'] else '**no**'} |"
+    )
+
+
+_POINT_HEADER = [
+    "| setting | lr | steps | persona movement (nats/token ± se) | win rate | rule toward user "
+    "| degenerate (base) | NLL/token (base) | knowledge Δ (pp ± se) | anchor h_b (nats) "
+    "| fluent |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
+]
+
+
+def final_table(result: Record) -> list[str]:
+    """Tuned DPO and the default on the test slices of every user."""
+    final = result["selection"].get("final", {})
+    if not final:
+        return []
+    rows = [p for p in final.values()]
+    alignment = ", ".join(
+        f"{p['label']} {_pp(p['alignment_delta'])}"
+        for p in rows
+        if p["alignment_delta"] is not None
+    )
+    return [
+        "**Test** (every user, final seeds; se clustered by user):",
+        "",
+        *_POINT_HEADER,
+        *(_point_row(p) for p in rows),
+        "",
+        f"HH-RLHF alignment Δ (pp): {alignment or '–'}.",
+    ]
 
 
 def user_table(result: Record) -> list[str]:
-    """Per user and method: held-out preference accuracy / knowledge Δ."""
-    keys = list(result["summary"])
+    """Per user: test persona movement / knowledge Δ of the tuned DPO and the default."""
+    final = result["selection"].get("final", {})
+    if not final:
+        return []
+    keys = list(final)
     rows = [
-        "| user | " + " | ".join(result["summary"][k]["label"] for k in keys) + " |",
+        "Per user (test, mean over seeds): persona movement (nats/token) / knowledge Δ (pp) / "
+        "degenerate answers.",
+        "",
+        "| user | " + " | ".join(final[k]["label"] for k in keys) + " |",
         "|---|" + "---|" * len(keys),
     ]
-    by_cell = {(r["user"], r["method_key"]): r for r in result["runs"]}
     for user in [u["name"] for u in result["users"]]:
         cells = []
         for key in keys:
-            run = by_cell.get((user, key))
+            runs = [
+                r
+                for r in result["runs"]
+                if r["phase"] == "final" and r["user"] == user and r["setting_key"] == key
+            ]
+            if not runs:
+                cells.append("–")
+                continue
+            p = select.point(runs)
             cells.append(
-                "–"
-                if run is None
-                else f"{_pct(run['preference']['test']['preference_accuracy'])}"
-                f" / {_pp(run['knowledge']['pooled']['delta'])}"
+                f"{p['movement']:+.3f} / {_pp(p['knowledge_delta'])} / "
+                f"{_pct(p['degenerate_fraction'])}"
             )
         rows.append(f"| {user} | " + " | ".join(cells) + " |")
-    return ["Per user: held-out preference accuracy / knowledge Δ (pp).", "", *rows]
-
-
-def sweep_table(result: Record) -> list[str]:
-    """The λ curve on the sweep users: validation (what selects λ) next to test."""
-    selection = result.get("selection", {})
-    if not selection.get("curve"):
-        return []
-    users, summary = sweep_summary(result)
-    rows = [
-        f"λ sweep on {', '.join(users)}: validation picks λ, test is reported.",
-        "",
-        "| method | validation pref. acc. | validation anchor (nats) | test pref. acc. "
-        "| knowledge Δ (pp ± se) | test anchor (nats) |",
-        "|---|---|---|---|---|---|",
-    ]
-    validation = {f"bapo@{lam}": point for lam, point in selection["curve"].items()}
-    validation["dpo"] = {
-        "validation_preference_accuracy": selection["dpo_validation_preference_accuracy"],
-        "validation_anchor_logratio": selection["dpo_validation_anchor_logratio"],
-    }
-    for key, s in summary.items():
-        if key not in validation:  # a λ run outside the sweep
-            continue
-        pref = validation[key]["validation_preference_accuracy"]
-        anchor = validation[key]["validation_anchor_logratio"]
-        chosen = " (selected)" if key == f"bapo@{selection['selected']:g}" else ""
-        rows.append(
-            f"| {s['label']}{chosen} | {_pct(pref)} | {anchor:+.1f} "
-            f"| {_pct(s['test_preference_accuracy'])} "
-            f"| {_pp(s['knowledge_delta'], s['knowledge_delta_stderr'])} "
-            f"| {s['test_anchor_logratio']:+.1f} |"
-        )
     return rows
+
+
+def dpo_table(result: Record) -> list[str]:
+    """The DPO grid on validation and the tuned setting."""
+    dpo = result["selection"]["dpo"]
+    if not dpo.get("points"):
+        return []
+    chosen = dpo.get("selected_key")
+    return [
+        "**DPO tuning** (validation, selection users): the fluent setting with the largest "
+        "persona movement is the tuned DPO.",
+        "",
+        *_POINT_HEADER,
+        *(_point_row(p, " (tuned)" if p["setting_key"] == chosen else "") for p in dpo["points"]),
+    ]
+
+
+def frontier_table(result: Record) -> list[str]:
+    """Every BAPO setting on validation, at the tuned DPO's budget, and the chosen default."""
+    default = result["selection"].get("default")
+    if not default or not default.get("frontier"):
+        return []
+    chosen = default.get("selected_key")
+    points = [p for p in default["frontier"] if p["setting"]["method"] == "bapo"]
+    dpo = [p for p in default["frontier"] if p["setting_key"] == default.get("dpo_key")]
+    why = f" ({default['why']})" if default.get("why") else ""
+    return [
+        f"**Frontier** (validation, selection users): BAPO variants at the tuned DPO's budget. "
+        f"Default: `{chosen}`{why}.",
+        "",
+        *_POINT_HEADER,
+        *(_point_row(p, " (tuned)") for p in dpo),
+        *(_point_row(p, " (default)" if p["setting_key"] == chosen else "") for p in points),
+    ]
+
+
+def examples(result: Record) -> list[str]:
+    """Per user, the first test prompts: the base's answer, DPO's and BAPO's (seed 0)."""
+    final = result["selection"].get("final", {})
+    if not final:
+        return []
+    rows = ["**Example answers** (test prompts, greedy, seed 0; cut for the table):", ""]
+    prompts = {u["name"]: u.get("test_prompts", []) for u in result["users"]}
+    for user in [u["name"] for u in result["users"]]:
+        by_key = {
+            r["setting_key"]: r
+            for r in result["runs"]
+            if r["phase"] == "final"
+            and r["user"] == user
+            and r["seed"] == min(r2["seed"] for r2 in result["runs"])
+        }
+        runs = [by_key[k] for k in final if k in by_key]
+        if not runs:
+            continue
+        rows.append(f"*{user}*")
+        rows.append("")
+        for i in range(min(EXAMPLES_PER_USER, len(runs[0]["answers"]))):
+            prompt = prompts[user][i] if i < len(prompts[user]) else f"test prompt {i + 1}"
+            rows.append(f"- prompt: {_cut(prompt)}")
+            rows.append(f"  - base: {_cut(runs[0]['base_answers'][i])}")
+            for run in runs:
+                rows.append(f"  - {run['label']}: {_cut(run['answers'][i])}")
+        rows.append("")
+    return rows
+
+
+def _cut(text: str) -> str:
+    """One line, at most EXAMPLE_CHARS characters, Markdown-safe."""
+    flat = " ".join(text.split()).replace("|", "/")
+    return flat if len(flat) <= EXAMPLE_CHARS else flat[: EXAMPLE_CHARS - 1] + "…"
 
 
 def screening_table(result: Record) -> list[str]:
     """Each MC set's base accuracy next to chance, and whether it was kept."""
     rows = [
-        "| MC set | n | base acc. ± se | chance | kept (z = (acc − chance) / se) |",
-        "|---|---|---|---|---|",
+        "| MC set | n (final) | base acc. ± se | chance | kept (z = (acc − chance) / se) "
+        "| selection subset |",
+        "|---|---|---|---|---|---|",
     ]
     bar = result["plan"]["min_z_above_chance"]
     for name, s in result["base"]["knowledge_screening"].items():
-        z = (s["accuracy"] - s["chance"]) / s["stderr"] if s["stderr"] else 0.0
-        kept = f"yes (z {z:.2f})" if s["kept"] else f"no (z {z:.2f} < {bar:g})"
+        kept = f"yes (z {s['z_above_chance']:.2f})" if s["kept"] else f"no (z < {bar:g})"
         rows.append(
             f"| {name} | {s['n']} | {100 * s['accuracy']:.1f} ± {100 * s['stderr']:.1f}% "
-            f"| {100 * s['chance']:.0f}% | {kept} |"
+            f"| {100 * s['chance']:.0f}% | {kept} | {s['selection_questions']} |"
         )
     return rows
-
-
-def goal_lines(result: Record) -> list[str]:
-    """The goal check, one sentence per compared BAPO setting."""
-    lines = []
-    seen: list[tuple[str, list[str]]] = []
-    for check in result["goal"].values():
-        if not check.get("users") or (check["bapo"], check["users"]) in seen:
-            continue
-        seen.append((check["bapo"], check["users"]))
-        ratio = check["loss_ratio"] if check["dpo_forgets_beyond_2se"] else None
-        lines.append(
-            f"- {check['bapo']} vs DPO on {len(check['users'])} users: knowledge Δ "
-            f"{_pp(-check['bapo_knowledge_loss'])} vs {_pp(-check['dpo_knowledge_loss'])} pp "
-            "(loss "
-            f"ratio {'n/a' if ratio is None else f'{ratio:.2f}'}, goal ≤ 0.33); held-out "
-            f"preference {_pct(check['bapo_test_preference_accuracy'])} vs "
-            f"{_pct(check['dpo_test_preference_accuracy'])} (ratio "
-            f"{check['preference_ratio'] or 0:.2f}, goal ≥ 0.95); DPO forgets beyond 2 se: "
-            f"{'yes' if check['dpo_forgets_beyond_2se'] else 'no'}; goal met: "
-            f"{'yes' if check['met'] else 'no'}."
-        )
-    return lines
 
 
 # --- plot -------------------------------------------------------------------------------------
 
 
 def plot(result: Record, path: Path) -> None:
-    """Knowledge change vs held-out preference accuracy, one point per (user, method); λ curve."""
+    """Left: the validation frontier (movement vs knowledge Δ, hollow = not fluent); right: the
+    final test comparison per user."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (scatter, curve) = plt.subplots(1, 2, figsize=(13, 5.5))
-    keys = list(result["summary"])
-    colors = _colors(keys)
-    markers = {"dsp": "o", "dimension": "^"}
-    kinds = {u["name"]: u["kind"] for u in result["users"]}
-    for run in result["runs"]:
-        scatter.scatter(
-            100 * run["preference"]["test"]["preference_accuracy"],
-            100 * run["knowledge"]["pooled"]["delta"],
-            color=colors[run["method_key"]],
-            marker=markers[kinds[run["user"]]],
-            alpha=0.6,
-            s=30,
-        )
-    for key, s in result["summary"].items():
-        scatter.errorbar(
-            100 * s["test_preference_accuracy"],
-            100 * s["knowledge_delta"],
-            xerr=100 * s["test_preference_accuracy_stderr"],
-            yerr=100 * s["knowledge_delta_stderr"],
-            color=colors[key],
-            marker="D",
-            markersize=9,
-            markeredgecolor="black",
-            capsize=3,
-            label=f"{s['label']} (mean of {len(s['users'])})",
-        )
-    scatter.plot([50], [0], marker="*", color="black", markersize=12, ls="", label="base")
-    scatter.axhline(0, color="grey", lw=0.8)
-    scatter.axvline(50, color="grey", lw=0.8, ls=":")
-    scatter.set_xlabel("held-out preference accuracy (%)  [personalization →]")
-    scatter.set_ylabel("knowledge accuracy change vs base (pp)  [retention ↑]")
-    scatter.set_title("one point per user × method (o DSP, ^ dimension); ◆ means ± se")
-    scatter.legend(fontsize=8)
-    _lambda_curve(curve, result)
-    fig.suptitle(f"BAPO vs DPO forgetting — {result['mode']} mode, seed {result['seed']}")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5))
+    _frontier_axis(left, result)
+    _final_axis(right, result)
+    fig.suptitle(f"BAPO vs tuned DPO — {result['mode']} mode ({result['status']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _colors(keys: Sequence[str]) -> dict[str, Any]:
-    """DPO red; BAPO λ along a blue-green colormap by λ."""
-    import matplotlib
-
-    cmap = matplotlib.colormaps["viridis"]
-    bapo = [k for k in keys if k != "dpo"]
-    colors: dict[str, Any] = {"dpo": "tab:red"}
-    for i, key in enumerate(bapo):
-        colors[key] = cmap(0.15 + 0.75 * i / max(1, len(bapo) - 1))
-    return colors
+FORM_MARKERS = {"hinge": "o", "hinge_per_token": "s", "hinge_tolerance": "^", "replay": "D",
+                "sigmoid": "v"}  # fmt: skip
 
 
-def sweep_summary(result: Record) -> tuple[list[str], dict[str, Record]]:
-    """The method summaries on the sweep users only (those that ran DPO and every λ), so each
-    point of the λ curve and the DPO line average the same users; all users without a sweep."""
-    runs = result["runs"]
-    users = result.get("selection", {}).get("users") or sorted({r["user"] for r in runs})
-    return users, summarize(
-        [r for r in runs if r["user"] in users], result["base"]["knowledge_hits"]
+def _frontier_axis(axis: Any, result: Record) -> None:
+    """Every selection setting on validation: persona movement (x) vs knowledge Δ (y)."""
+    default = result["selection"].get("default") or {}
+    points: Sequence[Record] = default.get("frontier") or result["selection"]["dpo"].get(
+        "points", []
     )
+    for p in points:
+        setting = p["setting"]
+        is_dpo = setting["method"] == "dpo"
+        color = "tab:red" if is_dpo else "tab:blue"
+        marker = "x" if is_dpo else FORM_MARKERS.get(setting["anchor_form"], "o")
+        style = {"color": color} if is_dpo else {
+            "facecolors": color if p["fluent"] else "none", "edgecolors": color,
+        }  # fmt: skip
+        axis.scatter(p["movement"], 100 * p["knowledge_delta"], marker=marker, s=60, **style)
+        budget = f" {setting['learning_rate']:g}/{setting['steps']}" if is_dpo else ""
+        label = p["label"].replace("BAPO ", "") + budget
+        axis.annotate(label, (p["movement"], 100 * p["knowledge_delta"]), fontsize=6, alpha=0.8)
+    chosen = [p for p in points if p["setting_key"] == default.get("selected_key")]
+    for p in chosen:
+        axis.scatter(
+            p["movement"], 100 * p["knowledge_delta"], marker="*", s=260,
+            color="gold", edgecolors="black", zorder=5, label="chosen default",
+        )  # fmt: skip
+    axis.axhline(0, color="grey", lw=0.8)
+    axis.axvline(0, color="grey", lw=0.8, ls=":")
+    axis.set_xlabel("persona movement vs base answers (nats/token)  [personalization →]")
+    axis.set_ylabel("knowledge change vs base (pp)  [retention ↑]")
+    axis.set_title("validation frontier (x DPO grid; BAPO: o hinge □ per-token △ tolerance ◇ "
+                   "replay; hollow = not fluent)", fontsize=8)  # fmt: skip
+    if chosen:
+        axis.legend(fontsize=8)
 
 
-def _lambda_curve(axis: Any, result: Record) -> None:
-    """Mean test preference accuracy (left axis) and knowledge change (right axis) against λ."""
-    users, summary = sweep_summary(result)
-    points = sorted((s["anchor_weight"], s) for k, s in summary.items() if k != "dpo")
-    axis.set_title(f"λ sweep on {', '.join(users)} (DPO dashed)")
-    if not points:
-        axis.text(0.5, 0.5, "no BAPO runs", ha="center", transform=axis.transAxes)
+def _final_axis(axis: Any, result: Record) -> None:
+    """Final test runs: one point per user (mean over seeds) and method, and the means."""
+    final = result["selection"].get("final", {})
+    if not final:
+        axis.text(0.5, 0.5, "final phase not run yet", ha="center", transform=axis.transAxes)
         return
-    lams = [lam for lam, _ in points]
-    knowledge = axis.twinx()
-    for ax, field, fmt, color, label in (
-        (axis, "test_preference_accuracy", "o-", "tab:blue", "held-out pref. acc."),
-        (knowledge, "knowledge_delta", "s-", "tab:green", "knowledge Δ"),
-    ):
-        ax.errorbar(
-            lams,
-            [100 * s[field] for _, s in points],
-            yerr=[100 * s[f"{field}_stderr"] for _, s in points],
-            fmt=fmt,
-            color=color,
-            capsize=3,
-            label=label,
-        )
-    if "dpo" in summary:
-        axis.axhline(100 * summary["dpo"]["test_preference_accuracy"], color="tab:blue", ls="--")
-        knowledge.axhline(100 * summary["dpo"]["knowledge_delta"], color="tab:green", ls="--")
-    knowledge.axhline(0, color="grey", lw=0.8)
-    axis.set_xscale("log")
-    axis.set_xlabel("BAPO anchor weight λ (log scale)")
-    axis.set_ylabel("held-out preference accuracy (%)", color="tab:blue")
-    knowledge.set_ylabel("knowledge accuracy change vs base (pp)", color="tab:green")
-    selected = result.get("selection", {}).get("selected")
-    if selected is not None:
-        axis.axvline(selected, color="black", ls=":", label=f"selected λ = {selected:g}")
-    handles = axis.get_legend_handles_labels()[0] + knowledge.get_legend_handles_labels()[0]
-    axis.legend(handles=handles, fontsize=8, loc="lower left")
+    colors = ["tab:red", "tab:blue", "tab:green"]
+    for color, (key, summary) in zip(colors, final.items(), strict=False):
+        for user in summary["users"]:
+            runs = [
+                r for r in result["runs"]
+                if r["phase"] == "final" and r["setting_key"] == key and r["user"] == user
+            ]  # fmt: skip
+            p = select.point(runs)
+            axis.scatter(p["movement"], 100 * p["knowledge_delta"], color=color, alpha=0.5, s=25)
+        axis.errorbar(
+            summary["movement"], 100 * summary["knowledge_delta"],
+            xerr=summary["movement_stderr"], yerr=100 * summary["knowledge_delta_stderr"],
+            color=color, marker="D", markersize=9, markeredgecolor="black", capsize=3,
+            label=f"{summary['label']} (mean of {len(summary['users'])} users)",
+        )  # fmt: skip
+    axis.axhline(0, color="grey", lw=0.8)
+    axis.axvline(0, color="grey", lw=0.8, ls=":")
+    axis.set_xlabel("persona movement vs base answers (nats/token)")
+    axis.set_ylabel("knowledge change vs base (pp)")
+    axis.set_title("test: tuned DPO vs the chosen default, per user (se clustered by user)")
+    axis.legend(fontsize=8)

@@ -1,55 +1,66 @@
-"""Orchestration: measure the base model once, then train and measure one adapter per run.
+"""Orchestration pieces: measure the base model once, then train and judge one adapter per run.
 
-A run is one (user, method, λ) training through the engine's `train()`; every run of a user sees
-the same pairs, seed, steps and LoRA settings. Base responses and reference log-probs go through
-the engine's caches, so they are computed once per prompt/response and reused by every run.
+A run is one (phase, user, setting, seed) training through the engine's `train()`; every run of a
+user sees the same pairs. Base answers and reference log-probs go through the engine's caches, so
+they are computed once per prompt/response and reused by every run. Selection runs are judged on
+validation prompts with the selection MC subset; final runs on test prompts with the full set.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bench.forgetting import datasets, measures
 from bench.forgetting.datasets import ScoredPair
-from bench.forgetting.plan import Plan
+from bench.forgetting.plan import Plan, Setting
 from bench.forgetting.users import DIMENSIONS, User, dimension_users, dsp_users, pole_responses
-from worker.training.anchors import compute_anchors
+from worker.training.anchors import Generation, cached_generations, compute_anchors
 from worker.training.cache import JsonFileCache, KeyValueCache, MemoryCache
 from worker.training.config import TrainConfig
 from worker.training.data import EncodedPair, Messages, Pair, encode_pair
 from worker.training.evaluate import MCQuestion
+from worker.training.judge import fluency, percentile, persona_scores
 from worker.training.model import CausalLM, load_model, load_tokenizer, model_identity
 from worker.training.trainer import TrainResult, train
 
-if TYPE_CHECKING:
-    pass
-
 Log = Callable[[str], None]
-EVAL_SLICES = ("validation", "test")
+Record = dict[str, Any]
+SLICE_OF_PHASE = {"dpo_tuning": "validation", "bapo_variants": "validation", "final": "test"}
+SCOPE_OF_PHASE = {"dpo_tuning": "selection", "bapo_variants": "selection", "final": "final"}
 HISTORY_KEYS = ("step", "loss", "dpo_loss", "anchor_loss", "reward_accuracy", "anchor_logratio")
+NLL_BAND_QUANTILE = 0.95  # an answer less likely than 95% of the base's own answers is broken
+FLUENCY_MARGIN = 0.10  # an adapter may have at most 10 points more degenerate answers than base
+TEXT_KEPT = 400  # characters of each judged answer kept in the record
 
 
 @dataclass(frozen=True)
-class Method:
-    """A training method: DPO, or BAPO with anchor weight λ."""
+class RunSpec:
+    """One training run: which phase, user, setting and training seed."""
 
-    name: str  # "dpo" | "bapo"
-    anchor_weight: float = 0.0
+    phase: str
+    user: str
+    setting: Setting
+    seed: int
 
     @property
     def key(self) -> str:
-        """Stable id, e.g. 'dpo' or 'bapo@0.3'."""
-        return "dpo" if self.name == "dpo" else f"bapo@{self.anchor_weight:g}"
+        """Stable id used to skip recorded runs on a restart."""
+        return f"{self.phase}|{self.user}|{self.setting.key}|seed={self.seed}"
 
-    @property
-    def label(self) -> str:
-        """Human label, e.g. 'DPO' or 'BAPO λ=0.3'."""
-        return "DPO" if self.name == "dpo" else f"BAPO λ={self.anchor_weight:g}"
+
+@dataclass
+class BaseSlice:
+    """The base model on one user's slice: its greedy answers and how the judge scores them."""
+
+    prompts: list[Messages]
+    answers: list[Generation]
+    persona: list[float]
+    nll: list[float]
+    degenerate: list[bool] = field(default_factory=list)
 
 
 @dataclass
@@ -57,7 +68,7 @@ class Session:
     """Everything shared by the runs: plan, model, tokenizer, caches, base measurements."""
 
     plan: Plan
-    seed: int
+    data_seed: int  # fixes users' slices and MC subsets; training seeds are per run
     data_dir: Path
     model_path: Path
     work_dir: Path
@@ -67,27 +78,33 @@ class Session:
     base_model: Any = None
     base_cache: KeyValueCache = field(default_factory=MemoryCache)
     ref_cache: KeyValueCache = field(default_factory=MemoryCache)
-    knowledge: dict[str, list[MCQuestion]] = field(default_factory=dict)  # kept sets only
+    # scope ("selection" | "final") → kept set → questions / base outcomes
+    knowledge: dict[str, dict[str, list[MCQuestion]]] = field(default_factory=dict)
+    base_knowledge: dict[str, dict[str, measures.MCOutcomes]] = field(default_factory=dict)
     screening: dict[str, dict[str, Any]] = field(default_factory=dict)
-    base_knowledge: dict[str, measures.MCOutcomes] = field(default_factory=dict)
     alignment: dict[str, list[ScoredPair]] = field(default_factory=dict)
     base_alignment: dict[str, list[float]] = field(default_factory=dict)
     users: list[User] = field(default_factory=list)
     encoded: dict[str, dict[str, list[EncodedPair]]] = field(default_factory=dict)
     base_preference: dict[str, dict[str, Any]] = field(default_factory=dict)
-    base_generations: dict[str, list[str]] = field(default_factory=dict)
+    base_slices: dict[str, dict[str, BaseSlice]] = field(default_factory=dict)
+    nll_bound: dict[str, float] = field(default_factory=dict)  # slice → NLL band of the base
     timings: dict[str, float] = field(default_factory=dict)
     cache_at_start: dict[str, Any] = field(default_factory=dict)
 
     @property
     def config(self) -> TrainConfig:
-        """The shared training config (DPO flavour; runs change only method and λ)."""
-        return self.plan.train_config(self.seed, "dpo", 0.0)
+        """The shared encoding/decoding settings (runs differ only in their Setting)."""
+        return self.plan.train_config(0, Setting("dpo", 1e-3, 1))
+
+    def user(self, name: str) -> User:
+        """The named user."""
+        return next(u for u in self.users if u.name == name)
 
 
 def open_session(
     plan: Plan,
-    seed: int,
+    data_seed: int,
     *,
     data_dir: Path,
     model_path: Path,
@@ -96,8 +113,8 @@ def open_session(
     log: Log,
 ) -> Session:
     """Load the model and tokenizer; open the engine's JSON caches in cache_dir (kept across
-    benchmark runs: base responses and reference log-probs depend only on model and prompt)."""
-    session = Session(plan, seed, data_dir, model_path, work_dir, log)
+    benchmark runs: base answers and reference log-probs depend only on model and prompt)."""
+    session = Session(plan, data_seed, data_dir, model_path, work_dir, log)
     session.identity = model_identity(model_path)
     session.tokenizer = load_tokenizer(model_path)
     session.base_model = load_model(model_path)
@@ -125,7 +142,7 @@ def _timed(session: Session, name: str, action: Callable[[], None]) -> None:
 
 
 def measure_base(session: Session) -> None:
-    """Screen the MC sets, score HH-RLHF, build the users and score their held-out pairs."""
+    """Screen the MC sets, score HH-RLHF, build the users and judge the base model's answers."""
     _timed(session, "screen_knowledge_sets", lambda: screen_knowledge(session))
     _timed(session, "base_alignment", lambda: base_alignment(session))
     _timed(session, "build_users", lambda: build_users(session))
@@ -133,37 +150,48 @@ def measure_base(session: Session) -> None:
 
 
 def screen_knowledge(session: Session) -> None:
-    """Base accuracy on each candidate set's fixed subset; keep sets clearly above chance."""
-    for name, n in session.plan.mc_sets:
-        questions = datasets.seeded_sample(
-            datasets.mc_set(name).read(session.data_dir), n, session.seed, name
-        )
-        outcomes = measures.mc_outcomes(session.base_model, session.tokenizer, questions)
+    """Base accuracy on each set's final subset; keep sets clearly above chance, and a disjoint
+    selection subset (selection_mc_fraction of the final size) of the kept ones."""
+    plan = session.plan
+    session.knowledge = {"selection": {}, "final": {}}
+    session.base_knowledge = {"selection": {}, "final": {}}
+    for name, n in plan.mc_sets:
+        pool = datasets.mc_set(name).read(session.data_dir)
+        final = datasets.seeded_sample(pool, n, session.data_seed, name)
+        n_selection = round(n * plan.selection_mc_fraction)
+        selection = datasets.seeded_sample(pool, n_selection, session.data_seed, name, skip=n)
+        outcomes = measures.mc_outcomes(session.base_model, session.tokenizer, final)
         result = outcomes.result()
-        chance = datasets.chance_accuracy(questions)
+        chance = datasets.chance_accuracy(final)
         z = (result.accuracy - chance) / result.stderr if result.stderr > 0 else 0.0
-        kept = z >= session.plan.min_z_above_chance
+        kept = z >= plan.min_z_above_chance
         session.screening[name] = {
             "source": datasets.mc_set(name).source,
             **result.to_dict(),
             "chance": chance,
             "z_above_chance": z,
             "kept": kept,
+            "selection_questions": len(selection) if kept else 0,
         }
         session.log(
             f"  {name}: base {result.accuracy:.3f} ± {result.stderr:.3f} "
             f"(chance {chance:.2f}, z {z:.1f}) {'kept' if kept else 'dropped'}"
         )
         if kept:
-            session.knowledge[name] = questions
-            session.base_knowledge[name] = outcomes
+            session.knowledge["final"][name] = final
+            session.base_knowledge["final"][name] = outcomes
+            if selection:
+                session.knowledge["selection"][name] = selection
+                session.base_knowledge["selection"][name] = measures.mc_outcomes(
+                    session.base_model, session.tokenizer, selection
+                )
 
 
 def short_hh_pairs(session: Session, split: str) -> list[ScoredPair]:
     """A seeded sample of HH-RLHF pairs short enough to score untruncated."""
     config, tokenizer = session.config, session.tokenizer
     pairs = datasets.read_hh_pairs(session.data_dir, split)
-    shuffled = datasets.seeded_sample(pairs, len(pairs), session.seed, f"hh:{split}")
+    shuffled = datasets.seeded_sample(pairs, len(pairs), session.data_seed, f"hh:{split}")
     chosen: list[ScoredPair] = []
     for pair in shuffled:
         if len(chosen) == session.plan.hh_pairs_per_split:
@@ -193,7 +221,7 @@ def build_users(session: Session) -> None:
     plan, data_dir = session.plan, session.data_dir
     if plan.dsp_domains:
         records = datasets.read_dsp(data_dir)
-        session.users += dsp_users(records, plan.dsp_domains, plan.sizes, session.seed)
+        session.users += dsp_users(records, plan.dsp_domains, plan.sizes, session.data_seed)
     if plan.dimensions:
         prompts = dimension_prompts(session)
         for dimension, poles in plan.dimensions:
@@ -215,20 +243,20 @@ def build_users(session: Session) -> None:
 
 def dimension_prompts(session: Session) -> list[str]:
     """Koala (P-SOUPS eval) prompts, topped up with DSP queries; seeded order; a few spare."""
-    sizes = session.plan.sizes
+    sizes, seed = session.plan.sizes, session.data_seed
     need = sizes.total + max(2, sizes.total // 10)  # spare: some poles answer identically
     koala = datasets.read_koala_prompts(session.data_dir)
-    koala = datasets.seeded_sample(koala, len(koala), session.seed, "koala")
+    koala = datasets.seeded_sample(koala, len(koala), seed, "koala")
     if len(koala) < need:
         dsp = [r.query for r in datasets.read_dsp(session.data_dir)]
-        dsp = datasets.seeded_sample(dsp, len(dsp), session.seed, "dimension-dsp-queries")
+        dsp = datasets.seeded_sample(dsp, len(dsp), seed, "dimension-dsp-queries")
         koala += [q for q in dsp if q not in koala][: need - len(koala)]
     # shuffled together, so Koala prompts and DSP queries are spread over the three slices
-    return datasets.seeded_sample(koala, need, session.seed, "dimension-prompts")
+    return datasets.seeded_sample(koala, need, seed, "dimension-prompts")
 
 
 def encode_slice(session: Session, pairs: list[Pair]) -> list[EncodedPair]:
-    """Encode pairs with base responses and reference log-probs from the engine (cached)."""
+    """Encode pairs with base answers and reference log-probs from the engine (cached)."""
     config, tokenizer = session.config, session.tokenizer
     anchors = compute_anchors(
         session.base_model,
@@ -254,17 +282,33 @@ def encode_slice(session: Session, pairs: list[Pair]) -> list[EncodedPair]:
 
 
 def base_user_measures(session: Session) -> None:
-    """Held-out pairs encoded once per user; base generations for the rule users."""
+    """Per user and judged slice: encoded pairs, the base's answers, their persona scores and
+    NLL; then each slice's NLL band (95th percentile over every user's base answers)."""
+    slices = sorted(set(SLICE_OF_PHASE.values()))
     for user in session.users:
-        session.encoded[user.name] = {s: encode_slice(session, user.slices[s]) for s in EVAL_SLICES}
+        session.encoded[user.name] = {s: encode_slice(session, user.slices[s]) for s in slices}
         session.base_preference[user.name] = {
-            s: _base_pair_summary(session.encoded[user.name][s]) for s in EVAL_SLICES
+            s: _base_pair_summary(session.encoded[user.name][s]) for s in slices
         }
-        if user.rule:
-            prompts = user.prompts("test")
-            key = json.dumps(prompts)
-            if key not in session.base_generations:
-                session.base_generations[key] = _generate(session, session.base_model, prompts)
+        session.base_slices[user.name] = {
+            s: _judge_base(session, user, user.prompts(s)) for s in slices
+        }
+    for s in slices:
+        values = [v for u in session.users for v in session.base_slices[u.name][s].nll]
+        session.nll_bound[s] = percentile(values, NLL_BAND_QUANTILE)
+        for user in session.users:
+            base = session.base_slices[user.name][s]
+            base.degenerate = _fluency(session, base.prompts, base.answers, s).degenerate
+
+
+def _judge_base(session: Session, user: User, prompts: list[Messages]) -> BaseSlice:
+    """The base model's greedy answers on prompts (cached) with their persona scores and NLL."""
+    answers = judged_answers(session, session.base_model, prompts, cached=True)
+    ids = [a.token_ids for a in answers]
+    model, tokenizer = session.base_model, session.tokenizer
+    persona = persona_scores(model, tokenizer, prompts, ids, user.instruction)
+    nll = fluency(model, tokenizer, prompts, [(a.text, a.token_ids) for a in answers]).nll
+    return BaseSlice(prompts, answers, persona, nll)
 
 
 def _base_pair_summary(pairs: list[EncodedPair]) -> dict[str, Any]:
@@ -277,26 +321,42 @@ def _base_pair_summary(pairs: list[EncodedPair]) -> dict[str, Any]:
     return summary
 
 
-def _generate(session: Session, model: CausalLM, prompts: list[Messages]) -> list[str]:
-    """Greedy generations for the text rules."""
-    config = session.config
-    return measures.generate(
-        model,
+def judged_answers(
+    session: Session, model: CausalLM, prompts: list[Messages], cached: bool = False
+) -> list[Generation]:
+    """Greedy answers with the judged decoding settings (the base model's through the cache)."""
+    config = session.plan.generation_config()
+    if cached:
+        cache = session.base_cache
+        return cached_generations(
+            model, session.tokenizer, prompts, config, session.identity, cache
+        )[0]
+    scratch = MemoryCache()  # an adapter's answers are never cached under the base's identity
+    return cached_generations(model, session.tokenizer, prompts, config, "adapter", scratch)[0]
+
+
+def _fluency(
+    session: Session, prompts: list[Messages], answers: list[Generation], slice_name: str
+) -> Any:
+    """Fluency of answers judged by the base model against the slice's NLL band."""
+    return fluency(
+        session.base_model,
         session.tokenizer,
         prompts,
-        session.plan.gen_max_new_tokens,
-        config.base_batch_size,
-        config.max_prompt_tokens,
+        [(a.text, a.token_ids) for a in answers],
+        session.nll_bound[slice_name],
     )
 
 
 # --- one run ----------------------------------------------------------------------------------
 
 
-def run_one(session: Session, user: User, method: Method) -> dict[str, Any]:
-    """Train one adapter through the engine and measure it against the base."""
-    config = session.plan.train_config(session.seed, method.name, method.anchor_weight)
-    out_dir = session.work_dir / "adapters" / f"{user.name.replace(':', '-')}--{method.key}"
+def run_one(session: Session, spec: RunSpec) -> Record:
+    """Train one adapter through the engine and judge it against the base."""
+    user = session.user(spec.user)
+    config = session.plan.train_config(spec.seed, spec.setting)
+    safe = spec.key.replace("|", "--").replace(" ", "_").replace(":", "-").replace("=", "")
+    out_dir = session.work_dir / "adapters" / safe
     started = time.perf_counter()
     result = train(
         session.model_path,
@@ -305,17 +365,19 @@ def run_one(session: Session, user: User, method: Method) -> dict[str, Any]:
         out_dir=out_dir,
         base_cache=session.base_cache,
         ref_cache=session.ref_cache,
-        on_step=lambda record: _log_step(session, record),
+        on_step=lambda record: _log_step(session, record, spec.setting.steps),
         on_phase=lambda phase: session.log(f"  phase {phase}"),
     )
     trained = time.perf_counter()
-    record = evaluate_adapter(session, user, out_dir)
+    record = evaluate_adapter(session, user, out_dir, spec.phase)
     record.update(
+        key=spec.key,
+        phase=spec.phase,
         user=user.name,
-        method=method.name,
-        method_key=method.key,
-        label=method.label,
-        anchor_weight=config.effective_anchor_weight,
+        seed=spec.seed,
+        setting=spec.setting.to_dict(),
+        setting_key=spec.setting.key,
+        label=spec.setting.label,
         train=_train_record(result),
         train_wall_s=trained - started,
         eval_wall_s=time.perf_counter() - trained,
@@ -323,9 +385,9 @@ def run_one(session: Session, user: User, method: Method) -> dict[str, Any]:
     return record
 
 
-def _log_step(session: Session, record: dict[str, Any]) -> None:
+def _log_step(session: Session, record: dict[str, Any], steps: int) -> None:
     """Progress every 8 steps (and the last): losses, reward accuracy, anchor drift."""
-    if record["step"] % 8 and record["step"] != session.plan.steps:
+    if record["step"] % 8 and record["step"] != steps:
         return
     anchor = record.get("anchor_logratio")
     session.log(
@@ -363,47 +425,83 @@ def load_adapter(session: Session, adapter_dir: Path) -> CausalLM:
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().eval()
 
 
-def evaluate_adapter(session: Session, user: User, adapter_dir: Path) -> dict[str, Any]:
-    """Knowledge, general alignment, the user's held-out pairs and (rule users) generations."""
+def evaluate_adapter(session: Session, user: User, adapter_dir: Path, phase: str) -> Record:
+    """Judge the adapter's answers on the phase's slice; knowledge; pairs; HH (final only)."""
     model = load_adapter(session, adapter_dir)
+    slice_name, scope = SLICE_OF_PHASE[phase], SCOPE_OF_PHASE[phase]
     tokenizer, config = session.tokenizer, session.config
     knowledge = {
         name: measures.mc_outcomes(model, tokenizer, questions)
-        for name, questions in session.knowledge.items()
+        for name, questions in session.knowledge[scope].items()
     }
-    alignment = {
-        split: measures.alignment_outcomes(model, tokenizer, pairs, config)
-        for split, pairs in session.alignment.items()
+    record: Record = {
+        "slice": slice_name,
+        "knowledge": knowledge_record(session.base_knowledge[scope], knowledge),
+        "preference": measures.pair_scores(
+            model,
+            session.encoded[user.name][slice_name],
+            tokenizer.pad_token_id,
+            config.score_batch_size,
+        ).summary(),
+        **judge_record(session, user, model, slice_name),
     }
-    preference = {
-        s: measures.pair_scores(
-            model, session.encoded[user.name][s], tokenizer.pad_token_id, config.score_batch_size
-        ).summary()
-        for s in EVAL_SLICES
-    }
-    record: dict[str, Any] = {
-        "knowledge": knowledge_record(session, knowledge),
-        "alignment": alignment_record(session, alignment),
-        "preference": preference,
-    }
-    if user.rule:
-        record["rule"] = rule_record(session, user, _generate(session, model, user.prompts("test")))
+    if phase == "final":
+        alignment = {
+            split: measures.alignment_outcomes(model, tokenizer, pairs, config)
+            for split, pairs in session.alignment.items()
+        }
+        record["alignment"] = alignment_record(session, alignment)
     return record
 
 
-def knowledge_record(session: Session, outcomes: dict[str, measures.MCOutcomes]) -> dict[str, Any]:
+def judge_record(session: Session, user: User, model: CausalLM, slice_name: str) -> Record:
+    """The adapter's greedy answers judged against the base's: persona, fluency, rule."""
+    base = session.base_slices[user.name][slice_name]
+    answers = judged_answers(session, model, base.prompts)
+    ids = [a.token_ids for a in answers]
+    scores = persona_scores(
+        session.base_model, session.tokenizer, base.prompts, ids, user.instruction
+    )
+    judged = _fluency(session, base.prompts, answers, slice_name)
+    base_degenerate = sum(base.degenerate) / max(1, len(base.degenerate))
+    record: Record = {
+        "persona": measures.persona_movement(base.persona, scores),
+        "fluency": {
+            "mean_nll": judged.mean_nll,
+            "base_mean_nll": measures.mean(base.nll),
+            "degenerate_fraction": judged.degenerate_fraction,
+            "base_degenerate_fraction": base_degenerate,
+            "nll_bound": session.nll_bound[slice_name],
+            "ok": judged.degenerate_fraction <= base_degenerate + FLUENCY_MARGIN,
+            "nll": judged.nll,
+            "degenerate": [int(d) for d in judged.degenerate],
+            "base_degenerate": [int(d) for d in base.degenerate],
+        },
+        "answers": [a.text[:TEXT_KEPT] for a in answers],
+        "base_answers": [a.text[:TEXT_KEPT] for a in base.answers],
+    }
+    if user.rule:
+        record["rule"] = rule_record(
+            user, [a.text for a in base.answers], [a.text for a in answers]
+        )
+    return record
+
+
+def knowledge_record(
+    base: dict[str, measures.MCOutcomes], outcomes: dict[str, measures.MCOutcomes]
+) -> Record:
     """Per kept set and pooled: accuracy, change vs base with its paired stderr, the hits."""
-    record: dict[str, Any] = {}
+    record: Record = {}
     pooled_base: list[float] = []
     pooled: list[float] = []
     for name, result in outcomes.items():
-        base = session.base_knowledge[name].hits
+        base_hits = base[name].hits
         record[name] = {
             **result.result().to_dict(),
-            **_change(measures.paired_change(base, result.hits)),
+            **_change(measures.paired_change(base_hits, result.hits)),
             "hits": "".join(str(int(h)) for h in result.hits),
         }
-        pooled_base += base
+        pooled_base += base_hits
         pooled += result.hits
     record["pooled"] = {
         "accuracy": measures.mean(pooled),
@@ -418,9 +516,9 @@ def _change(change: dict[str, float]) -> dict[str, float]:
     return {"delta": change["delta"], "delta_stderr": change["stderr"]}
 
 
-def alignment_record(session: Session, outcomes: dict[str, list[float]]) -> dict[str, Any]:
+def alignment_record(session: Session, outcomes: dict[str, list[float]]) -> Record:
     """HH-RLHF: fraction preferring the human-preferred answer, and its change vs base."""
-    record: dict[str, Any] = {}
+    record: Record = {}
     pooled_base: list[float] = []
     pooled: list[float] = []
     for split, hits in outcomes.items():
@@ -440,11 +538,10 @@ def alignment_record(session: Session, outcomes: dict[str, list[float]]) -> dict
     return record
 
 
-def rule_record(session: Session, user: User, texts: list[str]) -> dict[str, Any]:
-    """The user's text rule on held-out generations vs the base model's on the same prompts."""
+def rule_record(user: User, base_texts: list[str], texts: list[str]) -> Record:
+    """The user's text rule on the adapter's answers vs the base model's on the same prompts."""
     assert user.rule is not None
     rule = measures.RULES[user.rule]
-    base_texts = session.base_generations[json.dumps(user.prompts("test"))]
     base_values = [rule(t) for t in base_texts]
     values = [rule(t) for t in texts]
     moves = [user.rule_sign * (v - b) for v, b in zip(values, base_values, strict=True)]
@@ -457,8 +554,4 @@ def rule_record(session: Session, user: User, texts: list[str]) -> dict[str, Any
         "toward_user_stderr": measures.stderr(moves),
         "win_rate": measures.mean(wins),
         "win_rate_stderr": measures.stderr(wins),
-        "examples": [
-            {"base": b[:300], "adapter": t[:300]}
-            for b, t in zip(base_texts[:2], texts[:2], strict=True)
-        ],
     }

@@ -17,6 +17,7 @@ from worker.training.anchors import cached_generations
 from worker.training.cache import KeyValueCache
 from worker.training.config import TrainConfig
 from worker.training.data import Messages, Pair
+from worker.training.judge import with_instruction
 from worker.training.model import CausalLM
 
 if TYPE_CHECKING:
@@ -42,6 +43,17 @@ DIMENSIONS: dict[str, dict[str, str]] = {
         "close friend.",
         "blunt": "Generate a response in an unfriendly manner.",
     },
+}
+# The judge's instruction for each DSP user: the domain's style in plain words (written for this
+# benchmark; DSP itself states domains only by name).
+DSP_INSTRUCTIONS: dict[str, str] = {
+    "academy": "Answer like an academic: formal, precise and grounded in scholarly knowledge, "
+    "with technical terms where they fit.",
+    "business": "Answer like a business professional: practical and focused on costs, value, "
+    "customers and outcomes.",
+    "entertainment": "Answer in an entertaining way: lively, playful and fun, with references "
+    "to films, music or pop culture where they fit.",
+    "literature": "Answer like a writer: expressive and vivid, with imagery and literary language.",
 }
 # Rule on generated text per dimension, and the pole whose rule value is higher.
 DIMENSION_RULES: dict[str, tuple[str, str]] = {
@@ -73,6 +85,7 @@ class User:
     kind: str  # "dsp" | "dimension"
     construction: str
     slices: dict[str, list[Pair]]
+    instruction: str = ""  # the user's preference in words: what the persona judge is told
     rule: str | None = None  # name in measures.RULES (dimension users)
     rule_sign: int = 0  # +1: the user prefers higher rule values; -1: lower
     facts: dict[str, Any] = field(default_factory=dict)
@@ -88,6 +101,8 @@ class User:
             "kind": self.kind,
             "construction": self.construction,
             "slice_sizes": {name: len(pairs) for name, pairs in self.slices.items()},
+            "instruction": self.instruction,
+            "test_prompts": [pair.messages[-1]["content"] for pair in self.slices.get("test", [])],
             "rule": self.rule,
             "rule_sign": self.rule_sign,
             **self.facts,
@@ -134,13 +149,14 @@ def _dsp_user(domain: str, by_slice: dict[str, list[DSPRecord]], seed: int) -> U
         "dsp",
         construction,
         slices,
+        instruction=DSP_INSTRUCTIONS[domain],
         facts={"rejected_domain_counts": rejected_from},
     )
 
 
 def instructed(prompt: str, instruction: str) -> Messages:
-    """The prompt with a preference instruction appended (used only to build pairs)."""
-    return [{"role": "user", "content": f"{prompt}\n\n{instruction}"}]
+    """The prompt with a preference instruction appended (to build pairs; the judge's form)."""
+    return with_instruction([{"role": "user", "content": prompt}], instruction)
 
 
 def pole_responses(
@@ -204,6 +220,7 @@ def dimension_users(
                 "dimension",
                 construction,
                 slices,
+                DIMENSIONS[dimension][pole],
                 rule,
                 1 if pole == high_pole else -1,
                 facts={"prompts_with_identical_answers_skipped": len(prompts) - len(usable)},

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from bench.forgetting import datasets, measures, report
-from bench.forgetting.plan import Plan
+from bench.forgetting import datasets, measures, select
+from bench.forgetting.plan import Plan, bapo
 from bench.forgetting.users import SliceSizes, dimension_users
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -144,19 +144,20 @@ def make_data(root: Path) -> Path:
 
 
 def tiny_plan() -> Plan:
-    """One DSP user, DPO and BAPO, two steps, a few questions and pairs."""
+    """One DSP user through all three phases: 2 DPO settings, 2 BAPO settings, 1 final seed."""
     return Plan(
         mode="tiny",
         dsp_domains=("literature",),
         dimensions=(),
         sizes=SliceSizes(train=4, validation=2, test=2),
-        steps=2,
-        learning_rate=1e-3,
-        default_lambda=1.0,
-        sweep_lambdas=(),
-        sweep_users=None,
-        selected_on_all_users=False,
-        mc_sets=(("arc_easy", 3), ("piqa", 2)),
+        selection_users=("dsp:literature",),
+        dpo_learning_rates=(1e-3, 3e-3),
+        dpo_steps=(2,),
+        bapo_grid=(bapo("hinge_per_token", 4.0), bapo("replay", 1.0)),
+        selection_seeds=(0,),
+        final_seeds=(0,),
+        mc_sets=(("arc_easy", 2), ("piqa", 1)),
+        selection_mc_fraction=0.5,
         min_z_above_chance=-100.0,  # keep every set: too few questions to screen
         hh_pairs_per_split=2,
         gen_max_new_tokens=8,
@@ -217,41 +218,51 @@ def test_mc_outcomes_match_the_engine(model_path: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_tiny_benchmark_end_to_end(model_path: Path, tmp_path: Path) -> None:
+def test_tiny_benchmark_end_to_end_and_resume(model_path: Path, tmp_path: Path) -> None:
     from bench.forgetting.benchmark import run_benchmark
 
     out = tmp_path / "results" / "forgetting.json"
-    result = run_benchmark(
-        tiny_plan(),
-        seed=0,
-        data_dir=make_data(tmp_path / "data"),
-        model_path=model_path,
-        work_dir=tmp_path / "work",
-        out_path=out,
-        log=lambda message: None,
-    )
+    kwargs: dict[str, Any] = {
+        "data_seed": 0, "data_dir": make_data(tmp_path / "data"), "model_path": model_path,
+        "work_dir": tmp_path / "work", "out_path": out,
+    }  # fmt: skip
+    result = run_benchmark(tiny_plan(), log=lambda message: None, **kwargs)
     assert json.loads(out.read_text()) == json.loads(json.dumps(result, default=str))
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| DPO | 1 |" in out.with_suffix(".md").read_text()
+    assert "**Frontier**" in out.with_suffix(".md").read_text()
     assert result["status"] == "done" and _finite(result)
-    assert [(r["user"], r["method_key"]) for r in result["runs"]] == [
-        ("dsp:literature", "dpo"),
-        ("dsp:literature", "bapo@1"),
-    ]
-    dpo, bapo = result["runs"]
-    assert {
-        k: v for k, v in dpo["train"]["config"].items() if k not in ("method", "anchor_weight")
-    } == {k: v for k, v in bapo["train"]["config"].items() if k not in ("method", "anchor_weight")}
+    phases = [r["phase"] for r in result["runs"]]
+    assert phases == ["dpo_tuning"] * 2 + ["bapo_variants"] * 2 + ["final"] * 2
+    tuned = result["selection"]["dpo"]["selected"]
+    variants = [r for r in result["runs"] if r["phase"] == "bapo_variants"]
+    for run in variants:  # BAPO runs at the tuned DPO's budget, varying only its anchor
+        assert run["train"]["config"]["learning_rate"] == tuned["learning_rate"]
+        assert run["train"]["steps"] == tuned["steps"]
+    final = [r for r in result["runs"] if r["phase"] == "final"]
+    assert {r["setting_key"] for r in final} == {
+        result["selection"]["dpo"]["selected_key"],
+        result["selection"]["default"]["selected_key"],
+    }
     for run in result["runs"]:
-        assert run["train"]["steps"] == 2 and run["train"]["num_train_pairs"] == 4
-        assert len(run["knowledge"]["arc_easy"]["hits"]) == 3
-        assert run["preference"]["test"]["n"] == 2
-    # the second run reused the first run's base responses and reference log-probs
-    assert bapo["train"]["cache_stats"]["base_computed"] == 0
-    assert bapo["train"]["cache_stats"]["ref_computed"] == 0
-    assert set(result["summary"]) == {"dpo", "bapo@1"}
-    assert result["selection"]["selected"] == 1.0
-    assert result["goal"]["default"]["users"] == ["dsp:literature"]
+        assert run["slice"] == ("test" if run["phase"] == "final" else "validation")
+        assert len(run["answers"]) == 2 and len(run["persona"]["moves"]) == 2
+        assert 0 <= run["fluency"]["degenerate_fraction"] <= 1
+        assert ("alignment" in run) == (run["phase"] == "final")
+    assert len(final[0]["knowledge"]["arc_easy"]["hits"]) == 2  # the final set ...
+    assert len(variants[0]["knowledge"]["arc_easy"]["hits"]) == 1  # ... and the selection subset
+    goal = result["goal"]
+    assert {"movement_ratio", "knowledge_loss_ratio", "fluency_ok", "users", "seeds", "met"} <= set(
+        goal
+    )
+    assert (goal["users"], goal["seeds"], goal["met"]) == (1, 1, False)  # too few users/seeds
+    # resume: drop the last run from the file; a second invocation trains only that one
+    recorded = json.loads(out.read_text())
+    recorded["runs"] = recorded["runs"][:-1]
+    out.write_text(json.dumps(recorded))
+    log: list[str] = []
+    again = run_benchmark(tiny_plan(), log=log.append, **kwargs)
+    assert sum(line.startswith("run ") for line in log) == 1
+    assert [r["key"] for r in again["runs"]] == [r["key"] for r in result["runs"]]
 
 
 def test_dimension_users_swap_poles_and_skip_identical_answers() -> None:
@@ -290,38 +301,68 @@ def test_paired_change_uses_per_item_differences() -> None:
     assert change["stderr"] == pytest.approx(0.25)
 
 
-def _run(user: str, key: str, pref: float, hits: str, val: float | None = None) -> dict[str, Any]:
-    """A minimal run record, as runner.run_one writes it."""
-    weight = 0.0 if key == "dpo" else float(key.split("@")[1])
-    test = {
-        "preference_accuracy": pref,
-        "preference_accuracy_stderr": 0.05,
-        "likelihood_accuracy": pref,
-        "anchor_logratio": -1.0,
-        "anchor_below_frac": 0.5,
-    }
-    validation = {"preference_accuracy": pref if val is None else val, "anchor_logratio": -1.0}
+def _run(
+    user: str,
+    key: str,
+    phase: str,
+    movement: float,
+    knowledge: float,
+    degenerate: int = 0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """A minimal run record with the fields the selection rules read."""
+    method = "dpo" if key.startswith("dpo") else "bapo"
     return {
-        "user": user, "method_key": key, "label": key, "anchor_weight": weight,
-        "preference": {"test": test, "validation": validation},
-        "knowledge": {"arc": {"hits": hits}, "pooled": {"delta": 0.0}},
-        "alignment": {"pooled": {"delta": 0.0, "delta_stderr": 0.0}},
-        "train_wall_s": 1.0, "eval_wall_s": 1.0,
+        "user": user, "seed": seed, "phase": phase, "setting_key": key, "label": key,
+        "setting": {"method": method, "learning_rate": 1e-3, "steps": 8},
+        "persona": {"moves": [movement] * 4, "movement": movement, "win_rate": 1.0},
+        "fluency": {"degenerate": [1] * degenerate + [0] * (4 - degenerate),
+                    "base_degenerate": [0] * 4, "mean_nll": 2.0, "base_mean_nll": 2.0},
+        "knowledge": {"pooled": {"delta": knowledge, "delta_stderr": 0.01}},
+        "preference": {"anchor_logratio": 0.0, "preference_accuracy": 0.8},
     }  # fmt: skip
 
 
-def test_lambda_selection_and_goal_check() -> None:
-    base = {"arc": "1" * 20}
+def test_dpo_tuning_skips_broken_text_and_the_default_follows_the_rule() -> None:
     runs = [
-        _run("u", "dpo", 0.80, "0" * 6 + "1" * 14),  # loses 6 of 20
-        _run("u", "bapo@0.1", 0.79, "0" + "1" * 19, val=0.80),  # loses 1: ratio 1/6
-        _run("u", "bapo@1", 0.70, "1" * 20, val=0.70),  # below 95% of DPO on validation
+        _run("u", "dpo fast", "dpo_tuning", 0.9, -0.10, degenerate=2),  # moves most, but broken
+        _run("u", "dpo mid", "dpo_tuning", 0.5, -0.06),
+        _run("u", "dpo slow", "dpo_tuning", 0.1, 0.0),
+        _run("u", "bapo strong", "bapo_variants", 0.2, 0.01),  # keeps, but moves < 0.8 × DPO
+        _run("u", "bapo ok", "bapo_variants", 0.42, -0.01),  # moves 0.84 × DPO, loses 1/6
+        _run("u", "bapo ok2", "bapo_variants", 0.45, -0.03),  # moves more, but loses more
     ]
-    selection = report.select_lambda(runs, [0.1, 1.0])
-    assert selection["selected"] == 0.1 and selection["eligible"] == [0.1]
-    check = report.goal_check(runs, "bapo@0.1", base)
-    assert check["dpo_knowledge_loss"] == pytest.approx(0.3)
-    assert check["loss_ratio"] == pytest.approx(1 / 6)
-    assert check["preference_ratio"] == pytest.approx(0.79 / 0.80)
-    assert check["dpo_forgets_beyond_2se"] and check["met"]
-    assert not report.goal_check(runs, "bapo@1", base)["met"]  # no loss, but too little preference
+    tuned = select.tune_dpo(runs)
+    assert tuned["selected_key"] == "dpo mid"
+    choice = select.choose_default(runs, "dpo mid")
+    assert choice["selected_key"] == "bapo ok" and "0.8" in choice["why"]
+    finals = [
+        _run(u, key, "final", move, know, seed=seed)
+        for u in (f"u{i}" for i in range(10))
+        for seed in (0, 1)
+        for key, move, know in (("dpo mid", 0.5, -0.06), ("bapo ok", 0.42, -0.01))
+    ]
+    goal = select.goal(finals, "dpo mid", "bapo ok")
+    assert goal["movement_ratio"] == pytest.approx(0.84)
+    assert goal["knowledge_loss_ratio"] == pytest.approx(1 / 6)
+    assert goal["difference"]["knowledge_delta"] == pytest.approx(0.05)
+    assert (goal["users"], goal["seeds"], goal["fluency_ok"], goal["dpo_forgets"]) == (
+        10, 2, True, True,
+    )  # fmt: skip
+    assert goal["met"]
+    assert not select.goal(finals[:4], "dpo mid", "bapo ok")["met"]  # 2 users only
+
+
+def test_judge_flags_repetition_and_scores_the_persona(model_path: Path) -> None:
+    from worker.training.judge import persona_scores, repeated_ngram_fraction
+    from worker.training.model import load_model, load_tokenizer
+
+    assert repeated_ngram_fraction([1, 2, 3, 4, 5, 6]) == 0.0
+    assert repeated_ngram_fraction([7, 8, 9, 10] * 5) > 0.5
+    model, tokenizer = load_model(model_path), load_tokenizer(model_path)
+    prompt = [{"role": "user", "content": "Describe the sea."}]
+    pirate = tokenizer("Arr matey, the sea be wild and salty, arr!")["input_ids"]
+    plain = tokenizer("The sea is a large body of salt water.")["input_ids"]
+    instruction = "Answer like a pirate."
+    told = persona_scores(model, tokenizer, [prompt, prompt], [pirate, plain], instruction)
+    assert told[0] > told[1]  # the instruction makes the pirate answer likelier, per token
