@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -202,3 +203,17 @@ class ReferenceLogprob(Base):
     cache_key: Mapped[str] = mapped_column(String(255), primary_key=True)
     logprob: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+BASE_RESPONSE_CACHE = "base_response"
+REFERENCE_LOGPROB_CACHE = "reference_logprob"
+
+
+class CacheLookups(Base):
+    """Hits and misses of one shared cache, summed over every job (operators only: /metrics)."""
+
+    __tablename__ = "cache_lookups"
+
+    cache: Mapped[str] = mapped_column(String(32), primary_key=True)
+    hits: Mapped[int] = mapped_column(BigInteger, default=0)
+    misses: Mapped[int] = mapped_column(BigInteger, default=0)

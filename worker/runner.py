@@ -206,9 +206,13 @@ def gate_verdict(settings: Settings, retention_delta: float, anchor: float | Non
 def job_metrics(
     result: TrainResult, retention: dict[str, Any], verdict: GateVerdict
 ) -> dict[str, Any]:
-    """Final metrics of the job and its adapter (per-step metrics are in the job's events)."""
+    """Final metrics of the job and its adapter (per-step metrics are in the job's events).
+
+    No cache statistics: whether the shared caches already held this user's prompts and answers
+    would tell them what other users sent (the totals are in `cache_lookups`, for /metrics).
+    """
     summary = result.to_json()
-    for key in ("adapter_dir", "history", "config", "metrics"):
+    for key in ("adapter_dir", "history", "config", "metrics", "cache_stats"):
         summary.pop(key, None)
     return finite({**result.metrics, **summary, "retention": retention, "gate": asdict(verdict)})
 

@@ -1,5 +1,10 @@
 """Prometheus metrics. Each API process owns a registry; job figures are read from the database
-at scrape time (the database is the source of truth, and workers run in other processes)."""
+at scrape time (the database is the source of truth, and workers run in other processes).
+
+A second registry holds what only the operator may see: the shared caches' hit and miss totals
+(whether a cache hit tells a user that someone else sent that prompt or answer). /metrics adds it
+only for a request carrying the operator key, even where /metrics is open to anyone.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,16 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from fastapi import Request
+from fastapi.security.utils import get_authorization_scheme_param
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.core.security import keys_equal
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -22,6 +31,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.operator_registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
             "bapo_http_requests", "HTTP requests", ["method", "route", "status"], registry=r
@@ -68,8 +78,15 @@ class Metrics:
         )
 
     def watch_jobs(self, engine: Engine) -> None:
-        """Export job counts by status and recent training speed, read from the database."""
+        """Export job counts by status and recent training speed, read from the database; and,
+        to the operator only, the cache lookup totals."""
         self.registry.register(JobCollector(engine))
+        self.operator_registry.register(CacheCollector(engine))
+
+    def exposition(self, operator: bool) -> bytes:
+        """The scrape body: every public metric, plus the operator-only ones for the operator."""
+        body = generate_latest(self.registry)
+        return body + generate_latest(self.operator_registry) if operator else body
 
 
 class JobCollector(Collector):
@@ -112,6 +129,41 @@ class JobCollector(Collector):
         yield by_status
         if last is not None:
             yield from _last_job_metrics(duration, speed, last)
+
+
+class CacheCollector(Collector):
+    """Hits and misses of the shared base-response / reference-log-prob caches, over all jobs."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        from app.models import BASE_RESPONSE_CACHE, REFERENCE_LOGPROB_CACHE, CacheLookups
+
+        lookups = CounterMetricFamily(
+            "bapo_training_cache_lookups",
+            "Entries training jobs looked up in the shared caches: hit = reused, miss = computed",
+            labels=["cache", "result"],
+        )
+        try:
+            with self.engine.connect() as conn:
+                rows = {r.cache: r for r in conn.execute(select(CacheLookups)).all()}
+        except SQLAlchemyError:
+            return  # as for the jobs: /readyz reports the database
+        for cache in (BASE_RESPONSE_CACHE, REFERENCE_LOGPROB_CACHE):
+            row = rows.get(cache)
+            lookups.add_metric([cache, "hit"], float(row.hits if row else 0))
+            lookups.add_metric([cache, "miss"], float(row.misses if row else 0))
+        yield lookups
+
+
+def is_operator_request(request: Request) -> bool:
+    """Whether the request carries the operator key (or no key, where local use allows that)."""
+    scheme, key = get_authorization_scheme_param(request.headers.get("authorization"))
+    state = request.app.state
+    if not key:
+        return bool(state.settings.allow_anonymous_local)
+    return scheme.lower() == "bearer" and keys_equal(key, state.operator_key)
 
 
 def _last_job_metrics(

@@ -1,19 +1,29 @@
 """Hardened training jobs end to end (real API, Postgres, Redis, Celery workers, bundled model):
-an adapter the inference server would refuse is never published."""
+an adapter the inference server would refuse is never published; users never see whether the
+shared caches already held their prompts (operators get the aggregate counts in /metrics)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from tests.fault_support import private_redis
+from tests.support import OPERATOR_KEY, LiveServer, make_settings, postgres_database
 from tests.worker_support import (
     JOB_TIMEOUT_S,
+    STACK_SETTINGS,
     Stack,
+    WorkerProcess,
     adapter_listing,
+    events,
     hidden_entries,
-    job_stack,
+    model_dir,
     post_pairs,
+    settings_env,
     train_and_wait,
     version_folders,
     wait_for,
@@ -25,13 +35,30 @@ pytestmark = pytest.mark.slow
 # a job the API accepted can still train an adapter that server would refuse.
 WORKER_MAX_LORA_RANK = 8
 ENDED = {"succeeded", "failed", "cancelled"}
+CACHE_FIGURES = ("cache_stats", "base_reused", "ref_reused", "base_computed", "ref_computed")
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """job_stack's service, on a private Redis: no other suite's worker takes these messages."""
     data_dir = tmp_path_factory.mktemp("hardening-stack")
-    with job_stack(data_dir, VLLM_MAX_LORA_RANK=str(WORKER_MAX_LORA_RANK)) as stack:
-        yield stack
+    with postgres_database() as url, private_redis() as redis_server:
+        model = str(model_dir())
+        settings = make_settings(
+            data_dir, url, broker_url=redis_server.url, base_model=model, **STACK_SETTINGS
+        )
+        server = LiveServer(settings).start()
+        env = settings_env(settings, VLLM_MAX_LORA_RANK=str(WORKER_MAX_LORA_RANK))
+        default = WorkerProcess(env, "default", data_dir / "default.log", beat=True).start()
+        gpu = WorkerProcess(env, "gpu", data_dir / "gpu.log").start()
+        stack = Stack(server, settings, env, data_dir, gpu, default)
+        try:
+            yield stack
+        finally:
+            stack.api.close()
+            gpu.stop()
+            default.stop()
+            server.stop()
 
 
 def test_an_adapter_above_the_servers_rank_fails_and_the_previous_stays_active(
@@ -58,3 +85,82 @@ def test_an_adapter_above_the_servers_rank_fails_and_the_previous_stays_active(
     adapters = stack.settings.adapters_path
     assert version_folders(adapters, user_id) == ["v1"]
     wait_for(lambda: hidden_entries(adapters, user_id) == [], 10, "staging removed")
+
+
+def _cache_lookups(http: httpx.Client) -> dict[tuple[str, str], float]:
+    """(cache, result) -> bapo_training_cache_lookups_total, scraped with the operator key."""
+    response = http.get("/metrics", headers={"Authorization": f"Bearer {OPERATOR_KEY}"})
+    assert response.status_code == 200, response.text
+    return {
+        (sample.labels["cache"], sample.labels["result"]): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+        if sample.name == "bapo_training_cache_lookups_total"
+    }
+
+
+def _delta(after: dict[tuple[str, str], float], before: dict[tuple[str, str], float]) -> dict:
+    return {key: after[key] - before.get(key, 0.0) for key in after}
+
+
+def _assert_no_cache_figures(
+    http: httpx.Client, user_id: str, job: dict, headers: dict[str, str]
+) -> None:
+    assert job["metrics"]["steps"] == 2 and "train_reward_accuracy" in job["metrics"]
+    seen = _user_visible(http, user_id, job["id"], headers)
+    assert [name for name in CACHE_FIGURES if name in seen] == []
+
+
+def _user_visible(http: httpx.Client, user_id: str, job_id: str, headers: dict[str, str]) -> str:
+    """Everything the user reads about the job and its adapter, as JSON text."""
+    base = f"/users/{user_id}"
+    reads = [
+        http.get(f"{base}/train/jobs/{job_id}", headers=headers),
+        http.get(f"{base}/train/jobs", headers=headers),
+        http.get(f"{base}/adapters", headers=headers),
+    ]
+    assert all(r.status_code == 200 for r in reads), [r.text for r in reads]
+    every_event = events(http, user_id, job_id, headers)
+    return " ".join(r.text for r in reads) + str(every_event)
+
+
+def test_users_never_see_cache_figures_operators_get_counters(stack: Stack) -> None:
+    http = stack.api.http
+    before = _cache_lookups(http)
+    first_id, first_headers = stack.api.create_user("cache-first")
+    post_pairs(http, first_id, first_headers, topic="planet")
+    first = train_and_wait(http, first_id, first_headers)
+    assert first["status"] == "succeeded", first
+    _assert_no_cache_figures(http, first_id, first, first_headers)
+    computed = _delta(_cache_lookups(http), before)
+    assert computed[("base_response", "hit")] == 0 and computed[("base_response", "miss")] == 4
+    assert computed[("reference_logprob", "hit")] == 0
+    assert computed[("reference_logprob", "miss")] >= 8  # chosen + rejected (+ base) per pair
+
+    # Another user sends the same pairs: everything is reused, and nothing tells them so.
+    second_id, second_headers = stack.api.create_user("cache-second")
+    post_pairs(http, second_id, second_headers, topic="planet")
+    middle = _cache_lookups(http)
+    second = train_and_wait(http, second_id, second_headers)
+    assert second["status"] == "succeeded", second
+    _assert_no_cache_figures(http, second_id, second, second_headers)
+    reused = _delta(_cache_lookups(http), middle)
+    assert reused[("base_response", "hit")] == 4 and reused[("base_response", "miss")] == 0
+    assert reused[("reference_logprob", "hit")] == computed[("reference_logprob", "miss")]
+    assert reused[("reference_logprob", "miss")] == 0
+
+
+def test_open_metrics_still_hide_the_cache_counters(tmp_path: Path) -> None:
+    server = LiveServer(make_settings(tmp_path, metrics_require_operator_key=False)).start()
+    try:
+        anonymous = httpx.get(f"{server.url}/metrics", timeout=30)
+        assert anonymous.status_code == 200 and "bapo_http_requests_total" in anonymous.text
+        assert "bapo_training_cache_lookups" not in anonymous.text
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            assert _cache_lookups(http) == {
+                (cache, result): 0.0
+                for cache in ("base_response", "reference_logprob")
+                for result in ("hit", "miss")
+            }
+    finally:
+        server.stop()

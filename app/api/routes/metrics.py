@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.api.deps import MetricsAccessDep
+from app.core.metrics import is_operator_request
 from app.schemas.common import ERROR_RESPONSES
 
 router = APIRouter(tags=["health"])
@@ -21,7 +22,8 @@ router = APIRouter(tags=["health"])
 def metrics(request: Request) -> Response:
     """Request counts/latency by route, pairs stored, jobs by status, training/generate speed.
 
-    With METRICS_REQUIRE_OPERATOR_KEY (the default) only the operator key may scrape.
+    With METRICS_REQUIRE_OPERATOR_KEY (the default) only the operator key may scrape. The shared
+    caches' hit/miss totals are in the body only for the operator key, even when /metrics is open.
     """
-    body = generate_latest(request.app.state.metrics.registry)
+    body = request.app.state.metrics.exposition(is_operator_request(request))
     return Response(body, media_type=CONTENT_TYPE_LATEST)
