@@ -305,3 +305,11 @@ def test_a_code_change_rebuilds_only_the_code_layer() -> None:
                 assert not sources & set(code), f"{name}: {line} before the dependencies"
         project = [line for line in instructions[deps:] if "pip install --no-deps" in line]
         assert any(line.rstrip().endswith(" .") for line in project), name  # then the code
+
+
+def test_the_api_and_workers_bound_lora_rank_like_vllm(tmp_path: Path) -> None:
+    """Jobs above vLLM's --max-lora-rank are refused by the API and the worker: same value."""
+    services = _resolved(_env_file(tmp_path, VLLM_MAX_LORA_RANK="16"))["services"]
+    assert _flag(services["vllm"]["command"], "--max-lora-rank") == "16"
+    for name in ("api", "worker", "ops-worker", "beat"):
+        assert services[name]["environment"]["VLLM_MAX_LORA_RANK"] == "16", name
