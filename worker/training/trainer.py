@@ -183,7 +183,7 @@ def _prepare(
     _seed_everything(config.seed)
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path, device or default_device())
-    identity = model_identity(model_path)
+    identity = model_identity(model_path, next(model.parameters()).device)
     anchors = compute_anchors(
         model, tokenizer, pairs, config, identity,
         base_cache=base_cache, ref_cache=ref_cache, on_phase=hooks.phase,

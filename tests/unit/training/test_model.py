@@ -59,3 +59,29 @@ def test_bundled_model_answers_sensibly(base_model: Any, tokenizer: Any) -> None
     assert "Paris" in answers[0]
     single = generate_base_responses(base_model, tokenizer, prompts[:1], 12, batch_size=1)
     assert single[0] == answers[0]  # left padding does not change greedy answers
+
+
+def test_identity_covers_every_weight_byte_configs_and_numerics(tmp_path: Path) -> None:
+    """Two folders that differ only after the first MiB of weights, or only in their generation
+    config, or one model on CPU vs CUDA, must never share engine caches."""
+    import torch
+
+    first = tmp_path / "m"
+    first.mkdir()
+    (first / "config.json").write_text("{}")
+    (first / "generation_config.json").write_text('{"eos_token_id": 2}')
+    weights = bytearray(3 << 20)
+    (first / "model.safetensors").write_bytes(bytes(weights))
+    base = model_identity(first, torch.device("cpu"))
+    other = tmp_path / "other" / "m"
+    other.parent.mkdir()
+    weights[-1] = 1  # the last byte of 3 MiB
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    (other / "generation_config.json").write_text('{"eos_token_id": 2}')
+    (other / "model.safetensors").write_bytes(bytes(weights))
+    assert model_identity(other, torch.device("cpu")) != base
+    (first / "generation_config.json").write_text('{"eos_token_id": 3}')
+    changed = model_identity(first, torch.device("cpu"))
+    assert changed != base
+    assert model_identity(first, torch.device("cuda")) != changed  # bf16 numbers vs fp32
