@@ -54,6 +54,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--keep-adapters", action="store_true")
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's; use 1 when other jobs share the cores — "
+        "two threads waiting on each other behind other processes ran ~10x slower here)",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="only re-render the .md and .png from an existing --out JSON (also mid-run)",
@@ -79,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     plan = PLANS["quick" if args.quick else "full"]()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
     def log(message: str) -> None:
