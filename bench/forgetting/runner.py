@@ -23,7 +23,7 @@ from worker.training.cache import JsonFileCache, KeyValueCache, MemoryCache
 from worker.training.config import TrainConfig
 from worker.training.data import EncodedPair, Messages, Pair, encode_pair
 from worker.training.evaluate import MCQuestion
-from worker.training.judge import fluency, percentile, persona_scores
+from worker.training.judge import answer_nll, fluency, percentile, persona_scores
 from worker.training.model import CausalLM, load_model, load_tokenizer, model_identity
 from worker.training.trainer import TrainResult, train
 
@@ -32,7 +32,7 @@ Record = dict[str, Any]
 SLICE_OF_PHASE = {"dpo_tuning": "validation", "bapo_variants": "validation", "final": "test"}
 SCOPE_OF_PHASE = {"dpo_tuning": "selection", "bapo_variants": "selection", "final": "final"}
 HISTORY_KEYS = ("step", "loss", "dpo_loss", "anchor_loss", "reward_accuracy", "anchor_logratio")
-NLL_BAND_QUANTILE = 0.95  # an answer less likely than 95% of the base's own answers is broken
+NLL_BAND_QUANTILE = 0.95  # an answer less likely than 95% of known-fluent text is broken
 FLUENCY_MARGIN = 0.10  # an adapter may have at most 10 points more degenerate answers than base
 TEXT_KEPT = 400  # characters of each judged answer kept in the record
 
@@ -283,7 +283,7 @@ def encode_slice(session: Session, pairs: list[Pair]) -> list[EncodedPair]:
 
 def base_user_measures(session: Session) -> None:
     """Per user and judged slice: encoded pairs, the base's answers, their persona scores and
-    NLL; then each slice's NLL band (95th percentile over every user's base answers)."""
+    NLL; then each slice's NLL band (95th percentile of known-fluent text, `_fluent_nll`)."""
     slices = sorted(set(SLICE_OF_PHASE.values()))
     for user in session.users:
         session.encoded[user.name] = {s: encode_slice(session, user.slices[s]) for s in slices}
@@ -294,11 +294,29 @@ def base_user_measures(session: Session) -> None:
             s: _judge_base(session, user, user.prompts(s)) for s in slices
         }
     for s in slices:
-        values = [v for u in session.users for v in session.base_slices[u.name][s].nll]
-        session.nll_bound[s] = percentile(values, NLL_BAND_QUANTILE)
+        session.nll_bound[s] = percentile(_fluent_nll(session, s), NLL_BAND_QUANTILE)
         for user in session.users:
             base = session.base_slices[user.name][s]
             base.degenerate = _fluency(session, base.prompts, base.answers, s).degenerate
+
+
+def _fluent_nll(session: Session, slice_name: str) -> list[float]:
+    """Per-token NLL of known-fluent text on a slice, under the base model: the base's own
+    answers and every user's chosen and rejected responses (written by people or by the model).
+
+    The band must hold fluent text in *any* user's style: the base's answers alone are its most
+    likely text, so a fluent answer in a human-written style (DSP literature, NLL 1.2 vs the
+    base answers' 95th percentile 1.04 in a quick run) would count as broken.
+    """
+    values: list[float] = []
+    for user in session.users:
+        values += session.base_slices[user.name][slice_name].nll
+        pairs = session.encoded[user.name][slice_name]
+        prompts = user.prompts(slice_name)
+        for kind in ("chosen", "rejected"):
+            ids = [getattr(p, kind) for p in pairs]
+            values += answer_nll(session.base_model, session.tokenizer, prompts, ids)
+    return values
 
 
 def _judge_base(session: Session, user: User, prompts: list[Messages]) -> BaseSlice:

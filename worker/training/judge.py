@@ -3,7 +3,8 @@
 * fluency — the base model's per-token negative log-likelihood of an answer (no instruction):
   broken text is unlikely under the model that wrote fluent text.
 * degenerate — an answer that is empty, repeats itself (the share of repeated token 4-grams above
-  REPEATED_NGRAM_LIMIT), or whose NLL lies above a bound (the base answers' 95th percentile).
+  REPEATED_NGRAM_LIMIT), or whose NLL lies above a bound (e.g. the 95th percentile of text known
+  to be fluent: the base's own answers and human-written responses).
 * persona score — how much more likely an answer is under the base model when the user's
   preference is given as an instruction than without it, per token:
       s(y) = (log π0(y | x ⊕ instruction) − log π0(y | x)) / |y|
@@ -121,3 +122,15 @@ def percentile(values: Sequence[float], q: float) -> float:
     low = math.floor(position)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (position - low) * (ordered[high] - ordered[low])
+
+
+def is_degenerate(
+    text: str, token_ids: Sequence[int], nll: float, nll_bound: float = math.inf
+) -> bool:
+    """fluency()'s rule for one answer whose NLL is already known (e.g. a cached base answer):
+    empty, more than REPEATED_NGRAM_LIMIT of its 4-grams repeated, or NLL above the bound."""
+    return (
+        not text.strip()
+        or repeated_ngram_fraction(token_ids) > REPEATED_NGRAM_LIMIT
+        or nll > nll_bound
+    )
