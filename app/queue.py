@@ -7,13 +7,18 @@ job id; the worker re-reads the row and claims it, so a message sent twice is ha
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import logging
 from functools import lru_cache
 from typing import Any
 
+import redis
 from celery import Celery
 from kombu import Connection
+from kombu.transport.redis import PRIORITY_STEPS
+from kombu.transport.redis import Channel as RedisChannel
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session
 
@@ -119,6 +124,57 @@ def enqueue_training(
 ) -> None:
     """Send the training task once the session's transaction has committed."""
     after_commit(session, lambda: send_training(settings, job_id, countdown))
+
+
+def training_messages(settings: Settings, delivered_since: float) -> set[str] | None:
+    """Job ids of the training messages the broker holds: waiting in the queue, or delivered at
+    or after `delivered_since` (epoch seconds) and not yet acknowledged. A delivery older than
+    that whose job is still queued had a consumer that died before claiming it, so it does not
+    count. None when the broker cannot be listed (only Redis can); raises if it does not answer.
+    """
+    if not settings.broker_url.startswith(("redis://", "rediss://")):
+        return None
+    client = redis.Redis.from_url(
+        settings.broker_url,
+        socket_timeout=BROKER_CHECK_TIMEOUT_S,
+        socket_connect_timeout=BROKER_CHECK_TIMEOUT_S,
+    )
+    try:
+        with client.pipeline(transaction=True) as pipe:  # one consistent snapshot
+            for name in _redis_queue_keys(GPU_QUEUE):
+                pipe.lrange(name, 0, -1)
+            pipe.hgetall(RedisChannel.unacked_key)
+            pipe.zrange(RedisChannel.unacked_index_key, delivered_since, "+inf", byscore=True)
+            *waiting, unacked, recent = pipe.execute()
+    finally:
+        client.close()
+    entries = [raw for queue in waiting for raw in queue]
+    entries += [unacked[tag] for tag in recent if tag in unacked]
+    return {job_id for job_id in map(_training_job_id, entries) if job_id is not None}
+
+
+def _redis_queue_keys(queue: str) -> list[str]:
+    """The Redis lists kombu keeps one queue in (one per priority step)."""
+    sep = RedisChannel.sep
+    return [queue if step == 0 else f"{queue}{sep}{step}" for step in PRIORITY_STEPS]
+
+
+def _training_job_id(entry: bytes) -> str | None:
+    """The job id a kombu Redis entry (a Celery protocol 2 message, or an unacknowledged one as
+    [message, exchange, routing key]) carries, if it is a training message."""
+    try:
+        payload = json.loads(entry)
+        if isinstance(payload, list):
+            payload = payload[0]
+        if payload["headers"]["task"] != TRAIN_TASK:
+            return None
+        body = payload["body"]
+        if payload["properties"].get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        job_id = json.loads(body)[0][0]
+    except (KeyError, IndexError, TypeError, ValueError, binascii.Error):
+        return None  # not a message this service sent
+    return job_id if isinstance(job_id, str) else None
 
 
 def broker_reachable(settings: Settings) -> tuple[bool, str]:

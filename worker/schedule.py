@@ -13,6 +13,7 @@ from app.services import schedule as schedule_service
 from worker.jobs import session_factory
 
 log = logging.getLogger(__name__)
+SCHEDULE_BATCH = 200  # users admitted per transaction of a scheduler tick
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
@@ -32,11 +33,20 @@ def _entry(task: str, every_s: int) -> dict[str, Any]:
 
 
 def enqueue_due_retrains(settings: Settings) -> list[str]:
-    """One scheduler tick: create and enqueue jobs for the users that are due; their job ids."""
-    with transaction(session_factory(settings)) as session:
-        job_ids = schedule_service.enqueue_due_retrains(session, settings)
+    """One scheduler tick: jobs for every due user up to the queue-depth limit; their job ids.
+
+    Batches of SCHEDULE_BATCH users, one transaction each, so a tick that admits thousands sends
+    the first messages early and keeps what it did if it is interrupted.
+    """
+    job_ids: list[str] = []
+    while True:
+        with transaction(session_factory(settings)) as session:
+            batch = schedule_service.enqueue_due_retrains(session, settings, SCHEDULE_BATCH)
+        job_ids += batch
+        if len(batch) < SCHEDULE_BATCH:  # nobody else due, or the queue is full
+            break
     if job_ids:
-        log.info("scheduled %d retraining job(s): %s", len(job_ids), ", ".join(job_ids))
+        log.info("scheduled %d retraining job(s)", len(job_ids))
     return job_ids
 
 

@@ -106,7 +106,12 @@ class Settings(BaseSettings):
     retrain_min_new_pairs: int = Field(
         20, ge=1, description="New pairs since the last successful job to be due."
     )
-    retrain_max_per_tick: int = Field(10, ge=1, description="Most jobs one scheduler tick starts.")
+    retrain_max_queued: int = Field(
+        1000,
+        ge=1,
+        description="Queue depth the scheduler fills up to: a tick admits due users while fewer "
+        "jobs than this are queued.",
+    )
     gate_min_retention_delta: float = Field(
         -0.05, description="Adapter MC accuracy minus base accuracy must be at least this."
     )

@@ -5,10 +5,12 @@ Nothing here commits; the Celery beat tasks (worker/schedule.py) are the transac
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import redis
 from sqlalchemy import ColumnElement, Subquery, case, exists, func, select, update
 from sqlalchemy.orm import Session
 
@@ -16,12 +18,15 @@ from app.core.config import Settings
 from app.core.db import after_commit
 from app.core.errors import AppError
 from app.models import ACTIVE_JOB_STATUSES, PreferencePair, TrainingJob, utcnow
-from app.queue import enqueue_training
+from app.queue import enqueue_training, training_messages
 from app.services import jobs as job_service
 
+log = logging.getLogger(__name__)
+RESEND_BATCH = 100  # most lost messages one reaper pass re-sends
 
-def due_users(session: Session, settings: Settings) -> list[str]:
-    """Users due for retraining, oldest new feedback first, at most retrain_max_per_tick.
+
+def due_users(session: Session, settings: Settings, limit: int) -> list[str]:
+    """Up to `limit` users due for retraining, oldest un-trained feedback first.
 
     Due: at least retrain_min_new_pairs pairs newer than the last succeeded job's last_pair_id,
     at least min_pairs_to_train pairs in all, no queued/running job, and at least one pair that no
@@ -44,9 +49,9 @@ def due_users(session: Session, settings: Settings) -> list[str]:
         .having(func.count() >= settings.min_pairs_to_train)
         .having(func.max(PreferencePair.id) > func.coalesce(tried.c.last_pair_id, 0))
         .order_by(func.min(case((is_new, PreferencePair.id))), PreferencePair.user_id)
-        .limit(settings.retrain_max_per_tick)
+        .limit(limit)
     )
-    return list(session.scalars(query))
+    return list(session.scalars(query)) if limit > 0 else []
 
 
 def _last_pair_seen(statuses: tuple[str, ...]) -> Subquery:
@@ -59,10 +64,17 @@ def _last_pair_seen(statuses: tuple[str, ...]) -> Subquery:
     )
 
 
-def enqueue_due_retrains(session: Session, settings: Settings) -> list[str]:
-    """Create a `schedule` job for each due user (each enqueued after commit); their ids."""
+def queue_room(session: Session, settings: Settings) -> int:
+    """How many more jobs may be queued before the queue holds retrain_max_queued."""
+    queued = session.scalar(select(func.count()).where(TrainingJob.status == "queued")) or 0
+    return max(settings.retrain_max_queued - int(queued), 0)
+
+
+def enqueue_due_retrains(session: Session, settings: Settings, batch: int) -> list[str]:
+    """Create a `schedule` job for up to `batch` due users, oldest feedback first, without
+    filling the queue past retrain_max_queued (each enqueued after commit); their ids."""
     created = []
-    for user_id in due_users(session, settings):
+    for user_id in due_users(session, settings, min(batch, queue_room(session, settings))):
         try:
             job, is_new = job_service.start_job(session, settings, user_id, trigger="schedule")
         except AppError:  # e.g. the user was deleted meanwhile: skip, the next tick sees it again
@@ -85,7 +97,7 @@ class ReapReport:
 def reap_stale_jobs(
     session: Session, settings: Settings, now: datetime | None = None
 ) -> ReapReport:
-    """Requeue (or fail) running jobs without a heartbeat; re-send the message of idle queued ones.
+    """Requeue (or fail) running jobs without a heartbeat; re-send lost messages of queued ones.
 
     A running job's heartbeat older than job_stale_after_s means its worker is gone (killed, lost
     its connection). Each change is a conditional UPDATE, so a worker that beats meanwhile wins.
@@ -100,7 +112,7 @@ def reap_stale_jobs(
     )
     for job in list(stale):
         _reap_one(session, settings, job, stale_before, report)
-    _resend_idle(session, settings, now, report)
+    _resend_lost(session, settings, now, report)
     return report
 
 
@@ -159,16 +171,34 @@ def _clean_staging_after_commit(
     )
 
 
-def _resend_idle(session: Session, settings: Settings, now: datetime, report: ReapReport) -> None:
-    """Re-send the message of queued jobs idle for job_resend_after_s (it may have been lost)."""
+def _resend_lost(session: Session, settings: Settings, now: datetime, report: ReapReport) -> None:
+    """Re-send the message of queued jobs idle for job_resend_after_s whose message the broker
+    no longer holds (lost at enqueue, Redis restarted without it, consumer died), oldest first,
+    at most RESEND_BATCH per pass. A job merely waiting its turn keeps its one message."""
     idle_before = now - timedelta(seconds=settings.job_resend_after_s)
     last_sign = func.coalesce(TrainingJob.heartbeat_at, TrainingJob.created_at)
-    ids = session.scalars(
-        update(TrainingJob)
-        .where(TrainingJob.status == "queued", last_sign < idle_before)
-        .values(heartbeat_at=now)
-        .returning(TrainingJob.id)
+    is_idle = (TrainingJob.status == "queued", last_sign < idle_before)
+    idle = session.scalars(
+        select(TrainingJob.id).where(*is_idle).order_by(last_sign, TrainingJob.id)
     ).all()
-    for job_id in ids:
+    if not idle:
+        return
+    try:
+        held = training_messages(settings, delivered_since=idle_before.timestamp())
+    except (redis.exceptions.RedisError, OSError) as exc:  # sending would fail too: next pass
+        log.warning("reaper: cannot list the broker's messages, nothing re-sent: %s", exc)
+        return
+    lost = [job_id for job_id in idle if held is None or job_id not in held][:RESEND_BATCH]
+    if not lost:
+        return
+    marked = set(
+        session.scalars(
+            update(TrainingJob)
+            .where(TrainingJob.id.in_(lost), *is_idle)
+            .values(heartbeat_at=now)
+            .returning(TrainingJob.id)
+        )
+    )
+    for job_id in (job_id for job_id in lost if job_id in marked):
         enqueue_training(session, settings, job_id)
         report.resent.append(job_id)

@@ -28,7 +28,7 @@ from tests.support import make_settings, postgres_database
 from worker.caches import base_response_cache, reference_logprob_cache
 from worker.runner import gate_verdict
 
-SCHEDULE = {"retrain_min_new_pairs": 3, "retrain_max_per_tick": 2, "min_pairs_to_train": 2}
+SCHEDULE = {"retrain_min_new_pairs": 3, "retrain_max_queued": 3, "min_pairs_to_train": 2}
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +131,9 @@ def test_scheduler_picks_exactly_the_due_users_oldest_feedback_first(
     _job(factory, "failed-tried", "failed", tried[-1])  # a failed job saw all of them
     due_later = _user(factory, "due-later", 3)
     with transaction(factory) as session:
-        assert schedule_service.due_users(session, settings) == ["due-first", "retrained"]
-        created = schedule_service.enqueue_due_retrains(session, settings)
+        assert schedule_service.due_users(session, settings, 2) == ["due-first", "retrained"]
+        # the queue holds 3 at most and "busy" waits there: room for 2
+        created = schedule_service.enqueue_due_retrains(session, settings, batch=10)
     assert len(created) == 2
     with transaction(factory) as session:
         jobs = {
@@ -141,7 +142,8 @@ def test_scheduler_picks_exactly_the_due_users_oldest_feedback_first(
         assert set(jobs) == {"due-first", "retrained"}
         assert all(j.trigger == "schedule" and j.status == "queued" for j in jobs.values())
         assert jobs["due-first"].last_pair_id == due_first[-1]
-        assert schedule_service.due_users(session, settings) == ["due-later"]  # next tick
+        assert schedule_service.due_users(session, settings, 10) == ["due-later"]  # next tick
+        assert schedule_service.enqueue_due_retrains(session, settings, batch=10) == []  # full
     assert sorted(_queued_messages(settings)) == sorted(created)
     assert due_later  # created last: its pairs are the newest
 
@@ -153,10 +155,10 @@ def test_a_new_pair_makes_a_failed_user_due_again(
     pairs = _user(factory, "flaky", 3)
     _job(factory, "flaky", "failed", pairs[-1])
     with transaction(factory) as session:
-        assert schedule_service.due_users(session, settings) == []
+        assert schedule_service.due_users(session, settings, 10) == []
     _user_pairs_add(factory, "flaky")
     with transaction(factory) as session:
-        assert schedule_service.due_users(session, settings) == ["flaky"]
+        assert schedule_service.due_users(session, settings, 10) == ["flaky"]
 
 
 def _user_pairs_add(factory: sessionmaker[Session], user_id: str) -> None:
