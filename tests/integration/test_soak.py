@@ -9,16 +9,20 @@ Figures go to test-artifacts/soak.json. SOAK_SECONDS overrides the 60 s of load.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import random
+import socket
+import statistics
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -43,6 +47,12 @@ TRAINEES = 3  # users with 4 fixed pairs whose training is triggered during the 
 CLIENTS = 8  # feedback and read clients; one more generates, one more triggers training
 GENERATE = {"prompt": "Say hello.", "max_tokens": 4, "temperature": 0}
 ARTIFACT = Path(__file__).resolve().parents[2] / "test-artifacts" / "soak.json"
+# Clients drop a connection idle this long, well before the server's keep-alive timeout (uvicorn:
+# 5 s) closes it. With both at 5 s, a request sent on a connection idle for about 5 s could reach
+# the server just as it closed the connection: "Server disconnected without sending a response".
+CLIENT_KEEPALIVE_S = 1.0
+NO_ANSWER = (httpx.RemoteProtocolError, httpx.NetworkError)  # the request got no response
+NO_ANSWER_RETRIES = 3
 
 pytestmark = pytest.mark.slow
 
@@ -85,6 +95,7 @@ class Ledger:
         self.jobs: dict[str, str] = {}  # job id -> user id, from every train answer
         self.mismatches: list[str] = []
         self.bad: list[str] = []
+        self.no_answer: dict[str, int] = {}  # requests sent again after getting no response
 
     def record(self, kind: str, response: httpx.Response, seconds: float) -> None:
         with self.lock:
@@ -92,6 +103,10 @@ class Ledger:
             self.statuses[response.status_code] = self.statuses.get(response.status_code, 0) + 1
             route = self.route_statuses.setdefault(kind, {})
             route[response.status_code] = route.get(response.status_code, 0) + 1
+
+    def unanswered(self, kind: str) -> None:
+        with self.lock:
+            self.no_answer[kind] = self.no_answer.get(kind, 0) + 1
 
     def ack(self, key: str, pair_id: int) -> None:
         with self.lock:
@@ -110,15 +125,26 @@ class Client:
         trainees: list[tuple[str, dict[str, str]]],
         ledger: Ledger,
     ):
-        self.http = httpx.Client(base_url=base_url, timeout=60)
+        limits = httpx.Limits(keepalive_expiry=CLIENT_KEEPALIVE_S)
+        self.http = httpx.Client(base_url=base_url, timeout=60, limits=limits)
         self.users, self.trainees, self.ledger = users, trainees, ledger
         self.rng = random.Random()
 
     def _send(self, kind: str, method: str, path: str, **kwargs: object) -> httpx.Response:
-        started = time.monotonic()
-        response = self.http.request(method, path, **kwargs)  # type: ignore[arg-type]
-        self.ledger.record(kind, response, time.monotonic() - started)
-        return response
+        """Send; a request that got no response is sent again as it was (feedback posts keep
+        their Idempotency-Key, so a pair the server did store is replayed, not stored twice)."""
+        for attempt in itertools.count():
+            started = time.monotonic()
+            try:
+                response = self.http.request(method, path, **kwargs)  # type: ignore[arg-type]
+            except NO_ANSWER:
+                self.ledger.unanswered(kind)
+                if attempt == NO_ANSWER_RETRIES:
+                    raise
+                continue
+            self.ledger.record(kind, response, time.monotonic() - started)
+            return response
+        raise AssertionError("unreachable")
 
     def post_pair(self, user_id: str, auth: dict[str, str], key: str) -> bool:
         body = {"prompt": f"p {key}", "chosen": "good", "rejected": "bad"}
@@ -217,13 +243,24 @@ def _report(ledger: Ledger, elapsed: float, drain_s: float) -> dict[str, object]
         "statuses": {str(k): v for k, v in sorted(ledger.statuses.items())},
         "error_rate_5xx": errors / total,
         "acknowledged_pairs": len(ledger.acked),
+        "retried_without_answer": dict(sorted(ledger.no_answer.items())),
         "training_jobs": len(ledger.jobs),
         "drain_s": round(drain_s, 1),
         "latency": routes,
     }
 
 
-def _jobs(url: str) -> list[dict[str, object]]:
+def _run_seconds(jobs: list[dict[str, Any]]) -> dict[str, float]:
+    """How long the succeeded jobs ran, claim to end (tiny trainings, under the soak's load)."""
+    runs = [
+        (job["finished_at"] - job["started_at"]).total_seconds()
+        for job in jobs
+        if job["status"] == "succeeded"
+    ]
+    return {"count": len(runs), "median": round(statistics.median(runs), 1)} if runs else {}
+
+
+def _jobs(url: str) -> list[dict[str, Any]]:
     """Every training job row (a fresh connection, outside the app's pool)."""
     engine = create_engine(url)
     try:
@@ -278,7 +315,7 @@ def test_soak_stores_exactly_the_acknowledged_pairs(soak_server: LiveServer) -> 
         interval=1,
     )
     drain_s = time.monotonic() - started - elapsed
-    report = _report(ledger, elapsed, drain_s)
+    report = {**_report(ledger, elapsed, drain_s), "job_run_s": _run_seconds(_jobs(url))}
     ARTIFACT.parent.mkdir(exist_ok=True)
     ARTIFACT.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
@@ -300,3 +337,94 @@ def test_soak_stores_exactly_the_acknowledged_pairs(soak_server: LiveServer) -> 
         runs = sorted((j["started_at"], j["finished_at"]) for j in jobs if j["user_id"] == user_id)
         assert all(end <= start for (_, end), (start, _) in itertools.pairwise(runs)), runs
     api.close()
+
+
+class AnswerDropper:
+    """A TCP relay in front of the server that, on its first `drops` connections, passes the
+    request on but closes the client's connection without its answer: what a client sees when a
+    keep-alive connection is closed under it, with the server having done the work or not."""
+
+    def __init__(self, target_port: int, drops: int) -> None:
+        self.target_port, self.drops = target_port, drops
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            drop, self.drops = self.drops > 0, self.drops - 1
+            threading.Thread(target=self._serve, args=(conn, drop), daemon=True).start()
+
+    def _serve(self, conn: socket.socket, drop: bool) -> None:
+        upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        if drop:
+            conn.settimeout(0.5)
+            with contextlib.suppress(TimeoutError):
+                while chunk := conn.recv(65536):  # the whole request, then its answer is dropped
+                    upstream.sendall(chunk)
+            upstream.recv(65536)
+            conn.close()
+            upstream.close()
+            return
+        for source, sink in ((conn, upstream), (upstream, conn)):
+            threading.Thread(target=_pump, args=(source, sink), daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _pump(source: socket.socket, sink: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while chunk := source.recv(65536):
+            sink.sendall(chunk)
+    with contextlib.suppress(OSError):
+        sink.shutdown(socket.SHUT_WR)
+
+
+@pytest.fixture
+def small_server(tmp_path: Path) -> Iterator[LiveServer]:
+    """The API on SQLite (no worker): for the soak client's own behaviour."""
+    server = LiveServer(make_settings(tmp_path)).start()
+    yield server
+    server.stop()
+
+
+def test_soak_client_retries_a_post_that_got_no_answer_under_its_key(
+    small_server: LiveServer,
+) -> None:
+    api = Api(small_server.url)
+    user_id, auth = api.create_user("no-answer")
+    relay = AnswerDropper(small_server.port, drops=1)
+    ledger = Ledger()
+    try:
+        assert Client(relay.url, [], [], ledger).post_pair(user_id, auth, "key-1")
+    finally:
+        relay.close()
+    assert ledger.no_answer == {"feedback_post": 1}  # counted, not a crash
+    assert ledger.bad == [] and ledger.mismatches == [] and list(ledger.acked) == ["key-1"]
+    listed = api.http.get(f"/users/{user_id}/feedback", headers=auth).json()["data"]
+    assert [pair["id"] for pair in listed] == [ledger.acked["key-1"]]  # stored once
+    api.close()
+
+
+def test_soak_client_drops_idle_connections_before_the_server_does(
+    small_server: LiveServer,
+) -> None:
+    """The server closes a connection idle for its keep-alive timeout; a client that reuses one
+    about that old can send its request just as it closes and get no answer. The soak client must
+    have opened a new connection by then."""
+    server_keepalive = small_server.server.config.timeout_keep_alive
+    client = Client(small_server.url, [], [], Ledger())
+    first = _local_port(client.http.get("/healthz"))
+    time.sleep(server_keepalive - 1)
+    assert _local_port(client.http.get("/healthz")) != first
+    client.http.close()
+
+
+def _local_port(response: httpx.Response) -> int:
+    stream = response.extensions["network_stream"]
+    return int(stream.get_extra_info("client_addr")[1])
