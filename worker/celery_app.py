@@ -15,6 +15,7 @@ visibility timeout (Redis) is above the hard time limit, so a live run is never 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from celery import Celery
@@ -29,8 +30,8 @@ from celery.signals import (
 from app.core.config import Settings, get_settings
 from app.core.logging import configure_logging
 from app.core.middleware import request_id_var
-from app.queue import make_celery
-from worker.jobs import SHUTTING_DOWN, forget_engines
+from app.queue import TRAIN_TASK, make_celery
+from worker.jobs import SHUTTING_DOWN, forget_engines, restore_sigterm, stop_job_on_sigterm
 from worker.schedule import beat_schedule
 
 
@@ -52,6 +53,9 @@ def make_worker_app(settings: Settings) -> Celery:
 
 settings = get_settings()
 celery_app = make_worker_app(settings)
+# Whether this process is a prefork pool child, and the SIGTERM handler its running job replaced.
+_MAIN_PID = os.getpid()
+_pool_child: dict[str, Any] = {"is": False}
 app = celery_app  # what `celery -A worker.celery_app` looks for
 
 
@@ -75,11 +79,30 @@ def _unbind_request_id(**_: Any) -> None:
 
 @worker_shutting_down.connect
 def _stop_running_job(**_: Any) -> None:
-    """Warm shutdown: the job running in this process stops at its next step and is requeued."""
+    """Warm shutdown (sent in the main process only): the running job, in this process (solo
+    pool) or in a pool child (prefork, which reads the same shared flag), stops at its next step
+    and is requeued without using an attempt."""
     SHUTTING_DOWN.set()
 
 
 @worker_process_init.connect
-def _fresh_connections(**_: Any) -> None:
-    """A forked pool child opens its own database connections."""
+def _init_pool_child(**_: Any) -> None:
+    """A forked pool child opens its own database connections. (The solo pool sends this signal
+    too, in the main process: that one is no child.)"""
     forget_engines()
+    _pool_child["is"] = os.getpid() != _MAIN_PID
+
+
+@task_prerun.connect
+def _sigterm_stops_the_job(task: Any = None, **_: Any) -> None:
+    """In a pool child, while a training job runs, a SIGTERM sent to the child too (a whole process
+    group: systemd, a terminal) stops the job like a warm shutdown. Installed per job because
+    billiard sets its own handler after worker_process_init."""
+    if _pool_child["is"] and task is not None and task.name == TRAIN_TASK:
+        _pool_child["sigterm"] = stop_job_on_sigterm()
+
+
+@task_postrun.connect
+def _sigterm_as_before(**_: Any) -> None:
+    if "sigterm" in _pool_child:
+        restore_sigterm(_pool_child.pop("sigterm"))

@@ -6,9 +6,12 @@ job was taken away (reaped, user deleted) and the run stops at the next step wit
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
+import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,12 +41,68 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     ConnectionError,
     TimeoutError,
 )
-# Set when the worker starts a warm shutdown: the running job stops and goes back to the queue.
-SHUTTING_DOWN = threading.Event()
 # Test-only hook, off unless this variable names a file: see hold_for_tests.
 PAUSE_FILE_ENV = "BAPO_TEST_PAUSE_FILE"
 _FACTORIES: dict[str, sessionmaker[Session]] = {}
 _FACTORIES_LOCK = threading.Lock()
+
+
+class ShutdownFlag:
+    """Set when the worker starts a warm shutdown: the running job stops and goes back to the queue.
+
+    Celery tells only its main process (worker_shutting_down), while the prefork pool runs the job
+    in a child. The flag is one byte of shared memory made at import, before the pool forks, so
+    the main process's set() is what the child's is_set() reads. No lock: a process killed while
+    touching it cannot leave it held. set_here() is for one process only (a child's SIGTERM).
+    """
+
+    def __init__(self) -> None:
+        self._shared = multiprocessing.RawValue(ctypes.c_bool, False)
+        self._here = False
+
+    def set(self) -> None:
+        """Ask every process of this worker to stop its job at the next step."""
+        self._shared.value = True
+
+    def set_here(self) -> None:
+        """Ask this process only (safe in a signal handler: no lock, no allocation)."""
+        self._here = True
+
+    def clear_here(self) -> None:
+        """Forget what set_here() asked, once this process's job has stopped."""
+        self._here = False
+
+    def is_set(self) -> bool:
+        """True once a warm shutdown has begun."""
+        return self._here or bool(self._shared.value)
+
+
+SHUTTING_DOWN = ShutdownFlag()
+
+
+def stop_job_on_sigterm() -> Any:
+    """In a pool child running a job: the first SIGTERM stops the job at its next step (and
+    requeues it) instead of exiting mid-step; a second one gets the handler from before (billiard
+    exits the child). Returns that handler, for restore_sigterm after the job.
+
+    Only this process is told: billiard also sends a lone child SIGTERM (hard time limit, before
+    SIGKILL), and that must not stop the worker's later jobs.
+    """
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        SHUTTING_DOWN.set_here()
+        signal.signal(signal.SIGTERM, previous)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return previous
+
+
+def restore_sigterm(previous: Any) -> None:
+    """After the job: put back the SIGTERM handler stop_job_on_sigterm replaced; a stop that
+    SIGTERM asked for has been done (the job went back to the queue), so the next job runs."""
+    signal.signal(signal.SIGTERM, previous)
+    SHUTTING_DOWN.clear_here()
 
 
 def is_transient(exc: BaseException) -> bool:

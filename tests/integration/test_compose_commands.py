@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -16,12 +17,29 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
-from tests.support import OPERATOR_KEY, free_port, postgres_database
-from tests.worker_support import REPO_ROOT, TINY_TRAINING, flushed_redis_url, model_dir
+from app.core.db import make_engine, make_sessionmaker, transaction
+from app.models import JobEvent, TrainingJob, User
+from app.services import jobs as job_service
+from app.services.feedback import NormalizedPair, store_pairs
+from tests.fault_support import private_redis
+from tests.support import OPERATOR_KEY, free_port, make_settings, postgres_database
+from tests.worker_support import (
+    REPO_ROOT,
+    TINY_TRAINING,
+    flushed_redis_url,
+    model_dir,
+    settings_env,
+    version_folders,
+)
 
 pytestmark = pytest.mark.slow
 BIN = REPO_ROOT / ".venv" / "bin"
+ARTIFACT = REPO_ROOT / "test-artifacts" / "compose_worker_shutdown.json"
+# Long enough to be mid-training when the signal comes, short enough to finish afterwards.
+STOPPABLE_TRAINING = {**TINY_TRAINING, "max_steps": 12}
 
 
 def _compose_services() -> dict[str, Any]:
@@ -241,3 +259,111 @@ def test_worker_healthchecks_ping_their_own_node(env: dict[str, str], tmp_path: 
 
 def test_celery_executable_exists() -> None:
     assert shutil.which(str(BIN / "celery")) and shutil.which(str(BIN / "alembic"))
+
+
+@pytest.mark.parametrize(
+    "signalled",
+    [
+        "main",  # `docker stop`: SIGTERM to the container's PID 1, the Celery main process
+        "group",  # systemd (KillMode=control-group), a terminal: every process of the worker
+    ],
+)
+def test_sigterm_to_the_compose_worker_requeues_its_job_at_once_without_using_an_attempt(
+    signalled: str, tmp_path: Path
+) -> None:
+    """The compose `worker` command (prefork pool: the job runs in a child process) stopped
+    mid-training: the job goes back to the queue within seconds (not after the reaper's
+    JOB_STALE_AFTER_S), keeps its attempts, and the next worker finishes it."""
+    command = _compose_services()["worker"]["command"]
+    with postgres_database() as url, private_redis() as broker:
+        settings = make_settings(
+            tmp_path,
+            url,
+            broker_url=broker.url,
+            base_model=str(model_dir()),
+            gate_mc_limit=2,
+            job_heartbeat_s=1.0,
+            job_stale_after_s=600,  # no reaper runs here anyway: a requeue is the worker's own
+        )
+        env = settings_env(settings)
+        engine = make_engine(settings)
+        factory = make_sessionmaker(engine)
+        job_id = _queued_job(factory, settings, "sigterm")
+        logs = [tmp_path / "worker-1.log", tmp_path / "worker-2.log"]
+        first = _start(command, env, logs[0])
+        try:
+            _wait_for(lambda: _job(factory, job_id).progress > 0, 300, "a step", logs[0])
+            signalled_at = time.monotonic()
+            if signalled == "group":
+                os.killpg(first.pid, signal.SIGTERM)
+            else:
+                first.terminate()
+            _wait_for(lambda: _job(factory, job_id).status != "running", 60, "the stop", logs[0])
+            requeue_s = time.monotonic() - signalled_at
+            job = _job(factory, job_id)
+            assert (job.status, job.attempts, job.phase) == ("queued", 0, "requeued")
+            assert _status_messages(factory, job_id)[-1] == "worker shutting down"
+            assert first.wait(timeout=60) == 0  # the warm shutdown completed
+        finally:
+            _stop(first)
+        assert version_folders(settings.adapters_path, "sigterm") == []
+        second = _start(command, env, logs[1])
+        try:
+            started = time.monotonic()
+            _wait_for(
+                lambda: _job(factory, job_id).status in ("succeeded", "failed"),
+                600,
+                "the next worker to finish the job",
+                logs[1],
+            )
+            rerun_s = time.monotonic() - started
+        finally:
+            _stop(second)
+        job = _job(factory, job_id)
+        engine.dispose()
+        assert (job.status, job.attempts, job.adapter_version) == ("succeeded", 1, 1), job.error
+    _record(signalled, {"requeued_after_sigterm_s": requeue_s, "next_worker_run_s": rerun_s})
+
+
+def _queued_job(factory: sessionmaker[Session], settings: Any, user_id: str) -> str:
+    """A user with 4 pairs and a queued job for them (its message sent after commit)."""
+    with transaction(factory) as session:
+        session.add(User(id=user_id))
+        session.flush()
+        pairs = [
+            NormalizedPair(
+                [{"role": "user", "content": f"Question {i}?"}], f"Kind {i}.", "No.", None
+            )
+            for i in range(4)
+        ]
+        store_pairs(session, user_id, pairs, None)
+        job, _ = job_service.start_job(
+            session, settings, user_id, hyperparameters=STOPPABLE_TRAINING
+        )
+        return job.id
+
+
+def _job(factory: sessionmaker[Session], job_id: str) -> TrainingJob:
+    with transaction(factory) as session:
+        job = session.get(TrainingJob, job_id)
+        assert job is not None
+        session.expunge(job)
+        return job
+
+
+def _status_messages(factory: sessionmaker[Session], job_id: str) -> list[str]:
+    with transaction(factory) as session:
+        rows = session.scalars(
+            select(JobEvent)
+            .where(JobEvent.job_id == job_id, JobEvent.kind == "status")
+            .order_by(JobEvent.id)
+        )
+        return [str(row.data.get("message")) for row in rows]
+
+
+def _record(name: str, figures: dict[str, float]) -> None:
+    ARTIFACT.parent.mkdir(exist_ok=True)
+    recorded = json.loads(ARTIFACT.read_text()) if ARTIFACT.exists() else {}
+    recorded[name] = {k: round(v, 1) for k, v in figures.items()}
+    ARTIFACT.write_text(json.dumps(recorded, indent=2))
+    print(name, recorded[name])
