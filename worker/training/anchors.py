@@ -131,24 +131,6 @@ def _generation(tokenizer: PreTrainedTokenizerBase, row: list[int], ends: set[in
     return Generation(text, token_ids, stop is not None)
 
 
-def generate_base_responses(
-    model: CausalLM,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[Messages],
-    max_new_tokens: int,
-    batch_size: int,
-    do_sample: bool = False,
-    *,
-    max_prompt_tokens: int = 1 << 30,
-) -> list[str]:
-    """The texts of `generate_answers` (callers that need no token ids)."""
-    answers = generate_answers(
-        model, tokenizer, prompts, max_new_tokens, batch_size, do_sample,
-        max_prompt_tokens=max_prompt_tokens,
-    )  # fmt: skip
-    return [answer.text for answer in answers]
-
-
 def _left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[Any, Any]:
     """Left-padded [N, T] ids and attention mask (generation continues from the right edge)."""
     width = max(len(row) for row in rows)

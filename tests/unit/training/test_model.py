@@ -49,15 +49,17 @@ def test_converted_tokenizer_matches_the_gguf_one(tokenizer: Any, gguf_tokenizer
 
 
 def test_bundled_model_answers_sensibly(base_model: Any, tokenizer: Any) -> None:
-    from worker.training.anchors import generate_base_responses
+    from worker.training.anchors import generate_answers
 
     prompts = [
         [{"role": "user", "content": "What is the capital of France?"}],
         [{"role": "user", "content": "Say hello."}],
     ]
-    answers = generate_base_responses(base_model, tokenizer, prompts, 12, batch_size=2)
+    answers = [a.text for a in generate_answers(base_model, tokenizer, prompts, 12, batch_size=2)]
     assert "Paris" in answers[0]
-    single = generate_base_responses(base_model, tokenizer, prompts[:1], 12, batch_size=1)
+    single = [
+        a.text for a in generate_answers(base_model, tokenizer, prompts[:1], 12, batch_size=1)
+    ]
     assert single[0] == answers[0]  # left padding does not change greedy answers
 
 
