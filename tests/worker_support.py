@@ -47,6 +47,7 @@ LONG_TRAINING: dict[str, Any] = {"max_steps": 200}
 STACK_SETTINGS: dict[str, Any] = {
     "train_defaults": TINY_TRAINING,
     "gate_mc_limit": 2,
+    "gate_prompt_limit": 2,
     "job_heartbeat_s": 0.5,
     "job_stale_after_s": 6,
     "reaper_interval_s": 1,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,7 @@ from app.core.config import Settings
 from app.core.db import transaction
 from app.services import jobs as job_service
 from worker.caches import base_response_cache, reference_logprob_cache
+from worker.gate import GateVerdict, gate_verdict, measure_retention
 from worker.jobs import JobStopped, RunningJob, finite, is_transient, session_factory
 from worker.servable import check_servable
 
@@ -35,16 +36,6 @@ log = logging.getLogger(__name__)
 
 class JobDataError(ValueError):
     """The job cannot train on what it has (too few pairs left): failed, never retried."""
-
-
-@dataclass(frozen=True)
-class GateVerdict:
-    """Whether a new adapter may become active, and why not."""
-
-    passed: bool
-    reason: str | None
-    retention_delta: float | None
-    anchor_logratio: float | None
 
 
 def run_training_job(job_id: str, worker_id: str, settings: Settings) -> str:
@@ -110,10 +101,10 @@ def _train_gate_publish(job: RunningJob, staging: Path) -> int:
     )
     check_servable(job.settings, staging)  # before the gate: a refused adapter fails at once
     job.on_phase("gate")
-    retention = measure_retention(job.settings, model_path, staging)
-    verdict = gate_verdict(job.settings, float(retention["delta"]), anchor_logratio(result))
+    measures = measure_retention(job.settings, job.factory, model_path, staging)
+    verdict = gate_verdict(job.settings, measures, anchor_logratio(result))
     job.on_phase("publishing")
-    return publish(job, staging, job_metrics(result, retention, verdict), verdict)
+    return publish(job, staging, job_metrics(result, measures.to_json(), verdict), verdict)
 
 
 def _load_pairs(job: RunningJob) -> list[Pair]:
@@ -153,20 +144,7 @@ def _planned_steps(pairs: list[Pair], config: TrainConfig) -> int:
     return total_steps(len(train_idx), config)
 
 
-# --- the retention gate ---------------------------------------------------------------------------
-
-
-def measure_retention(settings: Settings, model_path: Path, adapter_dir: Path) -> dict[str, Any]:
-    """Adapter vs base multiple-choice accuracy (the adapter loaded back from its folder)."""
-    from peft import PeftModel
-
-    from worker.training.evaluate import general_mc_path, knowledge_retention, load_mc
-    from worker.training.model import load_model, load_tokenizer
-
-    questions = load_mc(settings.gate_mc_file or general_mc_path())
-    tokenizer = load_tokenizer(model_path)
-    model = PeftModel.from_pretrained(load_model(model_path), str(adapter_dir))
-    return knowledge_retention(model, tokenizer, questions, limit=settings.gate_mc_limit)
+# --- the retention gate (measured and decided in worker.gate) ------------------------------------
 
 
 def anchor_logratio(result: TrainResult) -> float | None:
@@ -181,23 +159,6 @@ def anchor_logratio(result: TrainResult) -> float | None:
     known = [(float(value), count) for value, count in parts if value is not None and count]
     total = sum(count for _, count in known)
     return sum(value * count for value, count in known) / total if total else None
-
-
-def gate_verdict(settings: Settings, retention_delta: float, anchor: float | None) -> GateVerdict:
-    """Pass when retention and anchor drift are both within the configured thresholds."""
-    reasons = []
-    if not retention_delta >= settings.gate_min_retention_delta:
-        reasons.append(
-            f"knowledge retention {retention_delta:+.3f} is below the minimum "
-            f"{settings.gate_min_retention_delta:+.3f} (GATE_MIN_RETENTION_DELTA)"
-        )
-    if anchor is not None and not anchor >= settings.gate_max_anchor_drift:
-        reasons.append(
-            f"base-anchor log-ratio {anchor:.3f} nats is below "
-            f"{settings.gate_max_anchor_drift:.3f} (GATE_MAX_ANCHOR_DRIFT)"
-        )
-    reason = "; ".join(reasons) or None
-    return GateVerdict(not reasons, reason, retention_delta, anchor)
 
 
 # --- publishing -----------------------------------------------------------------------------------

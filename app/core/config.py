@@ -112,8 +112,30 @@ class Settings(BaseSettings):
         description="Queue depth the scheduler fills up to: a tick admits due users while fewer "
         "jobs than this are queued.",
     )
+    gate_retention_z: float = Field(
+        2.0,
+        ge=0,
+        description="The adapter fails the knowledge check when its MC accuracy drop is beyond "
+        "this many paired standard errors (and beyond GATE_MIN_RETENTION_DELTA).",
+    )
     gate_min_retention_delta: float = Field(
-        -0.05, description="Adapter MC accuracy minus base accuracy must be at least this."
+        -0.02,
+        le=0,
+        description="Practical floor of the knowledge check: an MC accuracy change at or above "
+        "this never fails the gate, however many standard errors it is.",
+    )
+    gate_max_degenerate_increase: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="The adapter's share of degenerate answers on the gate's general prompts may "
+        "exceed the base model's by at most this.",
+    )
+    gate_degenerate_nll_margin: float = Field(
+        2.5,
+        gt=0,
+        description="An answer whose base-model NLL per token is more than this many nats above "
+        "the highest of the base's own answers is degenerate.",
     )
     gate_max_anchor_drift: float = Field(
         -5.0, description="Mean base-anchor log-ratio (nats) must be at least this."
@@ -123,6 +145,9 @@ class Settings(BaseSettings):
     )
     gate_mc_limit: int | None = Field(
         None, ge=1, description="Score only the first N questions of the gate MC set; empty = all."
+    )
+    gate_prompt_limit: int | None = Field(
+        None, ge=1, description="Judge only the first N of the gate's general prompts; empty = all."
     )
     train_defaults: dict[str, Any] = Field(
         default_factory=dict,

@@ -7,6 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from app.schemas.jobs import GateOut
+
 
 class AdapterOut(BaseModel):
     version: int
@@ -18,6 +20,9 @@ class AdapterOut(BaseModel):
     metrics: dict[str, Any] | None = Field(description="Evaluation metrics from training.")
     gate_passed: bool = Field(description="Whether it passed the knowledge-retention gate.")
     gate_reason: str | None
+    gate: GateOut | None = Field(
+        None, description="The gate's verdict with its figures (from `metrics.gate`)."
+    )
     created_at: datetime
 
 

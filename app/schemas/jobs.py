@@ -32,12 +32,41 @@ class TrainRequest(StrictModel):
 
 
 class GateOut(BaseModel):
-    """The retention gate's verdict on the job's adapter."""
+    """The retention gate's verdict on an adapter and the figures it was judged on (the figures
+    are None for adapters gated before they were recorded)."""
 
     passed: bool
     reason: str | None = Field(None, description="Why the adapter was not activated.")
-    retention_delta: float | None = Field(None, description="Adapter minus base MC accuracy.")
+    retention_delta: float | None = Field(
+        None, description="Adapter minus base MC accuracy on the same questions."
+    )
     anchor_logratio: float | None = Field(None, description="Mean log-ratio on base responses.")
+    retention_stderr: float | None = Field(
+        None,
+        description="Paired standard error of `retention_delta` (sd of the per-question "
+        "differences / √n).",
+    )
+    retention_threshold: float | None = Field(
+        None,
+        description="The knowledge check fails below this: min(−z·stderr, "
+        "GATE_MIN_RETENTION_DELTA).",
+    )
+    retention_z: float | None = Field(None, description="GATE_RETENTION_Z it was judged with.")
+    mc_questions: int | None = Field(None, description="Questions in the MC comparison.")
+    base_accuracy: float | None = Field(None, description="Base model's MC accuracy.")
+    adapter_accuracy: float | None = Field(None, description="Adapter's MC accuracy.")
+    degenerate_fraction: float | None = Field(
+        None,
+        description="Share of the adapter's answers to the general prompts that are "
+        "degenerate (empty, repetitive or far less likely under the base than its own answers).",
+    )
+    base_degenerate_fraction: float | None = Field(
+        None, description="The same share for the base model's answers."
+    )
+    max_degenerate_fraction: float | None = Field(
+        None, description="The adapter fails above this share: base + GATE_MAX_DEGENERATE_INCREASE."
+    )
+    gate_prompts: int | None = Field(None, description="General prompts judged.")
 
 
 class JobOut(BaseModel):

@@ -139,6 +139,12 @@ def list_adapters(session: Session, user_id: str) -> list[Adapter]:
     return list(session.scalars(query))
 
 
+def gate_figures(adapter: Adapter) -> dict[str, Any] | None:
+    """The gate's verdict and figures recorded in the adapter's metrics (None if none were)."""
+    gate = (adapter.metrics or {}).get("gate")
+    return gate if isinstance(gate, dict) and "passed" in gate else None
+
+
 def get_adapter(session: Session, user_id: str, version: int) -> Adapter:
     """One version, or NotFound."""
     adapter = session.scalar(

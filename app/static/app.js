@@ -777,6 +777,16 @@ function evaluation(adapter) {
     gatePassed: pick(adapter.gate_passed === undefined ? undefined : Number(adapter.gate_passed),
       gate.passed === undefined ? undefined : Number(gate.passed)),
     gateReason: adapter.gate_reason || gate.reason || null,
+    // The gate's figures (adapters gated before they were recorded have none of these).
+    retentionStderr: pick(gate.retention_stderr, retention.delta_stderr),
+    retentionThreshold: pick(gate.retention_threshold),
+    retentionZ: pick(gate.retention_z),
+    questions: pick(gate.mc_questions, retention.questions, retention.adapter?.n),
+    degenerate: pick(gate.degenerate_fraction, retention.fluency?.adapter_degenerate_fraction),
+    baseDegenerate: pick(gate.base_degenerate_fraction,
+      retention.fluency?.base_degenerate_fraction),
+    maxDegenerate: pick(gate.max_degenerate_fraction),
+    prompts: pick(gate.gate_prompts, retention.fluency?.prompts),
   };
 }
 
@@ -789,12 +799,37 @@ function signedPct(value) {
   return `${value >= 0 ? "+" : ""}${(value * 100).toFixed(1)} pts`;
 }
 
+function points(value) {
+  return typeof value === "number" ? `${(value * 100).toFixed(1)} pts` : "—";
+}
+
+/** "base → adapter (change ± paired stderr, n questions; fails below threshold, z)". */
+function knowledgeText(e) {
+  if (e.retentionAdapter === undefined) return signedPct(e.retentionDelta);
+  const accuracy = e.retentionBase !== undefined
+    ? `${pct(e.retentionBase)} → ${pct(e.retentionAdapter)}` : pct(e.retentionAdapter);
+  if (e.retentionStderr === undefined) return `${accuracy} (${signedPct(e.retentionDelta)} vs base)`;
+  const n = e.questions === undefined ? "" : `, ${e.questions} questions`;
+  const limit = e.retentionThreshold === undefined ? ""
+    : `; fails below ${signedPct(e.retentionThreshold)}`
+      + (e.retentionZ === undefined ? "" : `, z = ${e.retentionZ}`);
+  return `${accuracy} (${signedPct(e.retentionDelta)} ± ${points(e.retentionStderr)}${n}${limit})`;
+}
+
+/** "adapter share vs base share of degenerate answers (n prompts; fails above max)". */
+function degenerateText(e) {
+  if (e.degenerate === undefined) return "—";
+  const base = e.baseDegenerate === undefined ? "" : ` vs base ${pct(e.baseDegenerate)}`;
+  const details = [];
+  if (e.prompts !== undefined) details.push(`${e.prompts} prompts`);
+  if (e.maxDegenerate !== undefined) details.push(`fails above ${pct(e.maxDegenerate)}`);
+  return `${pct(e.degenerate)}${base}${details.length ? ` (${details.join("; ")})` : ""}`;
+}
+
 function adapterRow(adapter, active) {
   const e = evaluation(adapter);
   const isActive = adapter.version === active;
-  const retention = e.retentionAdapter !== undefined
-    ? `${pct(e.retentionAdapter)} (${signedPct(e.retentionDelta)} vs base)`
-    : signedPct(e.retentionDelta);
+  const retention = knowledgeText(e);
   const gate = e.gatePassed === undefined ? "—"
     : e.gatePassed ? "passed" : `failed${e.gateReason ? `: ${e.gateReason}` : ""}`;
   let action = null;
@@ -811,7 +846,8 @@ function adapterRow(adapter, active) {
     h("th", { text: `v${adapter.version}`, attrs: { scope: "row" } }),
     h("td", { text: when(adapter.created_at) }),
     h("td", { text: e.preference === undefined ? "—" : `${pct(e.preference)} (${e.preferenceSplit})` }),
-    h("td", { text: retention }),
+    h("td", { cls: "wrap", text: retention, attrs: { "data-testid": "adapter-knowledge" } }),
+    h("td", { cls: "wrap", text: degenerateText(e), attrs: { "data-testid": "adapter-degenerate" } }),
     h("td", { text: e.drift === undefined ? "—" : `${fmt(e.drift)} nats` }),
     h("td", { cls: "wrap", text: gate }),
     h("td", {}, isActive ? h("span", { cls: "badge status-succeeded", text: "active" })

@@ -212,6 +212,15 @@ def test_training_dashboard_shows_progress_and_the_new_adapter(
     expect(row.locator(".badge")).to_have_text("active")
     expect(row).to_contain_text("%")  # preference accuracy and retention
     expect(row).to_contain_text("nats")  # anchor drift
+    # The gate's figures: MC accuracy base → adapter, change ± paired stderr, n, threshold with z
+    knowledge = row.get_by_test_id("adapter-knowledge")
+    expect(knowledge).to_contain_text(
+        re.compile(r"% → .*% \(.*pts ± .*pts, 4 questions; fails below")
+    )
+    expect(knowledge).to_contain_text(", z = 2)")
+    expect(row.get_by_test_id("adapter-degenerate")).to_contain_text(
+        re.compile(r"% vs base .*% \(2 prompts; fails above .*%\)")
+    )
     expect(page.get_by_test_id("active-adapter")).to_have_text(f"v{version}")
     assert service_api.user(USER)["active_adapter_version"] == version
     doc_screenshot(page, "training")

@@ -32,7 +32,7 @@ from tests.worker_support import (
 )
 
 pytestmark = pytest.mark.slow
-IMPOSSIBLE_RETENTION = 2.0  # accuracy can rise by 1.0 at most
+IMPOSSIBLE_DRIFT = 1e6  # the mean log-ratio on base answers must be at least 1e6 nats: never
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,8 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Api, Pa
         base_model=str(model_dir()),
         train_defaults=TINY_TRAINING,
         gate_mc_limit=2,
-        gate_min_retention_delta=IMPOSSIBLE_RETENTION,
+        gate_prompt_limit=2,
+        gate_max_anchor_drift=IMPOSSIBLE_DRIFT,
     )
     env = settings_env(settings)
     for name in ("DATABASE_URL", "BROKER_URL", "ADAPTER_DIR", "AUTO_MIGRATE"):
@@ -106,12 +107,13 @@ def test_embedded_job_succeeds_and_an_adapter_failing_the_gate_is_kept_inactive(
     )
     assert job["status"] == "succeeded", job["error"]
     assert job["adapter_version"] == 1 and job["gate"]["passed"] is False
-    assert "GATE_MIN_RETENTION_DELTA" in job["gate"]["reason"]
+    assert "GATE_MAX_ANCHOR_DRIFT" in job["gate"]["reason"]
     listing = api.http.get(f"/users/{user_id}/adapters", headers=headers).json()
     assert listing["active_version"] is None
     (adapter,) = listing["data"]
     assert (adapter["version"], adapter["active"], adapter["gate_passed"]) == (1, False, False)
-    assert adapter["available"] is True and "retention" in adapter["gate_reason"]
+    assert adapter["available"] is True and "base-anchor" in adapter["gate_reason"]
+    assert adapter["gate"]["mc_questions"] == 2 and adapter["gate"]["gate_prompts"] == 2
     assert (data_dir / "adapters" / user_id / "v1" / "adapter_config.json").is_file()
     assert hidden_entries(data_dir / "adapters", user_id) == []
     user = api.http.get(f"/users/{user_id}", headers=headers).json()

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import func, select
 
 from app.core.db import transaction
-from app.models import PreferencePair, TrainingJob
+from app.models import BaseResponse, PreferencePair, TrainingJob
 from app.queue import TRAIN_TASK, producer
 from app.services import jobs as job_service
 from tests.worker_support import (
@@ -21,11 +21,13 @@ from tests.worker_support import (
     STACK_SETTINGS,
     TINY_TRAINING,
     Stack,
+    adapter_listing,
     events,
     get_job,
     hidden_entries,
     job_stack,
     post_pairs,
+    train_and_wait,
     version_folders,
     wait_for,
     wait_status,
@@ -118,6 +120,40 @@ def test_adapter_v1_is_listed_active_and_complete(stack: Stack, e2e: Run) -> Non
     }
     assert version_folders(stack.settings.adapters_path, e2e.user_id) == ["v1"]
     assert hidden_entries(stack.settings.adapters_path, e2e.user_id) == []
+
+
+def test_the_gate_figures_are_listed_and_the_base_is_measured_once(stack: Stack, e2e: Run) -> None:
+    """The adapter listing shows what the gate judged; a later job reuses the base's figures."""
+    http = stack.api.http
+    (adapter,) = adapter_listing(http, e2e.user_id, e2e.headers)["data"]
+    gate = adapter["gate"]
+    assert gate == e2e.final["gate"] and gate["passed"] is True and gate["reason"] is None
+    assert (gate["mc_questions"], gate["gate_prompts"], gate["retention_z"]) == (2, 2, 2.0)
+    assert 0 <= gate["base_accuracy"] <= 1 and 0 <= gate["adapter_accuracy"] <= 1
+    assert gate["retention_delta"] == pytest.approx(
+        gate["adapter_accuracy"] - gate["base_accuracy"]
+    )
+    assert gate["retention_stderr"] >= 0
+    assert gate["retention_threshold"] == min(-2 * gate["retention_stderr"], -0.02)
+    assert 0 <= gate["degenerate_fraction"] <= gate["max_degenerate_fraction"]
+    assert gate["max_degenerate_fraction"] == gate["base_degenerate_fraction"] + 0.25
+    retention = adapter["metrics"]["retention"]
+    assert retention["questions"] == 2 and retention["fluency"]["prompts"] == 2
+    assert retention["fluency"]["nll_bound"] > retention["fluency"]["base_mean_nll"] > 0
+    # The first job gated on this fresh database measured the base; the next one reuses it.
+    assert (retention["base_computed"], retention["fluency"]["base_computed"]) == (2, 2)
+    user_id, headers = stack.api.create_user("gate-second")
+    post_pairs(http, user_id, headers)
+    second = train_and_wait(http, user_id, headers)
+    assert second["status"] == "succeeded", second["error"]
+    again = second["metrics"]["retention"]
+    assert (again["base_computed"], again["fluency"]["base_computed"]) == (0, 0)
+    assert again["base"] == retention["base"]  # the same cached outcomes
+    with transaction(stack.server.app.state.sessionmaker) as session:
+        keys = session.scalars(
+            select(BaseResponse.cache_key).where(BaseResponse.cache_key.like("gate-%"))
+        ).all()
+    assert sorted(key.split(":")[0] for key in keys) == ["gate-answer"] * 2 + ["gate-mc"] * 2
 
 
 def test_second_trigger_returns_the_active_job(e2e: Run) -> None:

@@ -71,5 +71,6 @@ def _out(adapter: Adapter, active: int | None, adapter_root: FsPath) -> AdapterO
         metrics=adapter.metrics,
         gate_passed=adapter.gate_passed,
         gate_reason=adapter.gate_reason,
+        gate=adapter_service.gate_figures(adapter),
         created_at=adapter.created_at,
     )
