@@ -282,6 +282,7 @@ def test_sigterm_to_the_compose_worker_requeues_its_job_at_once_without_using_an
             broker_url=broker.url,
             base_model=str(model_dir()),
             gate_mc_limit=2,
+            gate_prompt_limit=2,
             job_heartbeat_s=1.0,
             job_stale_after_s=600,  # no reaper runs here anyway: a requeue is the worker's own
         )

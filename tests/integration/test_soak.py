@@ -69,6 +69,7 @@ def soak_server(tmp_path: Path) -> Iterator[LiveServer]:
             base_model=str(model_dir()),
             train_defaults=TINY_TRAINING,
             gate_mc_limit=2,
+            gate_prompt_limit=2,
             local_threads=1,
             # The soak measures the service, not the per-key limiters (tested elsewhere).
             rate_limit_generate_per_min=0,
