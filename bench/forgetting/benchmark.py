@@ -115,7 +115,7 @@ def run_benchmark(
     resume: bool = True,
 ) -> Record:
     """Run (or finish) every phase, writing out_path after each run and at the end."""
-    started_at = _now()
+    started, started_at = time.perf_counter(), _now()
     runs = previous_runs(out_path, plan, data_seed, log) if resume else []
     session = open_session(
         plan,
@@ -129,7 +129,7 @@ def run_benchmark(
     header = {"machine": machine_info(), "started_at": started_at, "data_seed": data_seed}
     measure_base(session)
     bench = Benchmark(session, out_path, header, runs)
-    bench.keep_adapters = keep_adapters
+    bench.started, bench.keep_adapters = started, keep_adapters
     users = [u.name for u in session.users]
     selection_users = [u for u in plan.selection_users if u in users]
     bench.ensure(specs("dpo_tuning", selection_users, plan.dpo_grid(), plan.selection_seeds))
