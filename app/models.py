@@ -207,6 +207,8 @@ class ReferenceLogprob(Base):
 
 BASE_RESPONSE_CACHE = "base_response"
 REFERENCE_LOGPROB_CACHE = "reference_logprob"
+GATE_BASELINE_CACHE = "gate_baseline"  # the retention gate's base MC outcomes and judged answers
+CACHE_NAMES = (BASE_RESPONSE_CACHE, REFERENCE_LOGPROB_CACHE, GATE_BASELINE_CACHE)
 
 
 class CacheLookups(Base):

@@ -350,3 +350,17 @@ def adapter_listing(http: httpx.Client, user_id: str, headers: dict[str, str]) -
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body
+
+
+def cache_lookups(http: httpx.Client) -> dict[tuple[str, str], float]:
+    """(cache, result) -> bapo_training_cache_lookups_total, scraped with the operator key."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = http.get("/metrics", headers={"Authorization": f"Bearer {OPERATOR_KEY}"})
+    assert response.status_code == 200, response.text
+    return {
+        (sample.labels["cache"], sample.labels["result"]): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+        if sample.name == "bapo_training_cache_lookups_total"
+    }

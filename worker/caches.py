@@ -21,6 +21,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
 from app.core.db import transaction
 from app.models import (
     BASE_RESPONSE_CACHE,
+    GATE_BASELINE_CACHE,
     REFERENCE_LOGPROB_CACHE,
     BaseResponse,
     CacheLookups,
@@ -102,3 +103,9 @@ def base_response_cache(factory: sessionmaker[Session]) -> DbCache:
 def reference_logprob_cache(factory: sessionmaker[Session]) -> DbCache:
     """Reference log-probs keyed by (model identity, prompt, response, truncation limits)."""
     return DbCache(factory, ReferenceLogprob, ReferenceLogprob.logprob, REFERENCE_LOGPROB_CACHE)
+
+
+def gate_baseline_cache(factory: sessionmaker[Session]) -> DbCache:
+    """The retention gate's base-model figures (keys prefixed `gate-`), in the base_responses
+    table but counted under their own name, apart from training's base answers."""
+    return DbCache(factory, BaseResponse, BaseResponse.response, GATE_BASELINE_CACHE)

@@ -13,8 +13,8 @@ The adapter fails when any of these holds:
 
 The base model's MC outcomes and judged answers are cached in the `base_responses` table (keys
 prefixed `gate-`, see worker.training.retention), so a job computes only the adapter's side.
-Whether a job found them cached says only that an earlier job gated an adapter of the same base
-model, never what any user sent, so it is part of the job's metrics (`base_computed`).
+Whether the cache was warm is not in the job's metrics (users see only their own facts); the
+lookups count in the operators' `bapo_training_cache_lookups_total{cache="gate_baseline"}`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings
-from worker.caches import base_response_cache
+from worker.caches import gate_baseline_cache
 from worker.training.retention import DegeneracyCheck, KnowledgeComparison
 
 FLOAT_SLACK = 1e-9  # fractions and thresholds compared with this much rounding allowed
@@ -84,7 +84,7 @@ def measure_retention(
     prompts = load_prompts(general_prompts_path())[: settings.gate_prompt_limit]
     tokenizer = load_tokenizer(model_path)
     model = PeftModel.from_pretrained(load_model(model_path), str(adapter_dir)).eval()
-    cache = base_response_cache(factory)
+    cache = gate_baseline_cache(factory)
     identity = model_identity(model_path, next(model.parameters()).device)
     knowledge = compare_knowledge(model, tokenizer, questions, identity, cache)
     degeneracy = check_degeneracy(

@@ -138,7 +138,7 @@ class CacheCollector(Collector):
         self.engine = engine
 
     def collect(self) -> Iterator[Metric]:
-        from app.models import BASE_RESPONSE_CACHE, REFERENCE_LOGPROB_CACHE, CacheLookups
+        from app.models import CACHE_NAMES, CacheLookups
 
         lookups = CounterMetricFamily(
             "bapo_training_cache_lookups",
@@ -150,7 +150,7 @@ class CacheCollector(Collector):
                 rows = {r.cache: r for r in conn.execute(select(CacheLookups)).all()}
         except SQLAlchemyError:
             return  # as for the jobs: /readyz reports the database
-        for cache in (BASE_RESPONSE_CACHE, REFERENCE_LOGPROB_CACHE):
+        for cache in CACHE_NAMES:
             row = rows.get(cache)
             lookups.add_metric([cache, "hit"], float(row.hits if row else 0))
             lookups.add_metric([cache, "miss"], float(row.misses if row else 0))

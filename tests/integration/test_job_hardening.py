@@ -9,16 +9,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fault_support import private_redis
-from tests.support import OPERATOR_KEY, LiveServer, make_settings, postgres_database
+from tests.support import LiveServer, make_settings, postgres_database
 from tests.worker_support import (
     JOB_TIMEOUT_S,
     STACK_SETTINGS,
     Stack,
     WorkerProcess,
     adapter_listing,
+    cache_lookups,
     events,
     hidden_entries,
     model_dir,
@@ -87,18 +87,6 @@ def test_an_adapter_above_the_servers_rank_fails_and_the_previous_stays_active(
     wait_for(lambda: hidden_entries(adapters, user_id) == [], 10, "staging removed")
 
 
-def _cache_lookups(http: httpx.Client) -> dict[tuple[str, str], float]:
-    """(cache, result) -> bapo_training_cache_lookups_total, scraped with the operator key."""
-    response = http.get("/metrics", headers={"Authorization": f"Bearer {OPERATOR_KEY}"})
-    assert response.status_code == 200, response.text
-    return {
-        (sample.labels["cache"], sample.labels["result"]): sample.value
-        for family in text_string_to_metric_families(response.text)
-        for sample in family.samples
-        if sample.name == "bapo_training_cache_lookups_total"
-    }
-
-
 def _delta(after: dict[tuple[str, str], float], before: dict[tuple[str, str], float]) -> dict:
     return {key: after[key] - before.get(key, 0.0) for key in after}
 
@@ -126,13 +114,13 @@ def _user_visible(http: httpx.Client, user_id: str, job_id: str, headers: dict[s
 
 def test_users_never_see_cache_figures_operators_get_counters(stack: Stack) -> None:
     http = stack.api.http
-    before = _cache_lookups(http)
+    before = cache_lookups(http)
     first_id, first_headers = stack.api.create_user("cache-first")
     post_pairs(http, first_id, first_headers, topic="planet")
     first = train_and_wait(http, first_id, first_headers)
     assert first["status"] == "succeeded", first
     _assert_no_cache_figures(http, first_id, first, first_headers)
-    computed = _delta(_cache_lookups(http), before)
+    computed = _delta(cache_lookups(http), before)
     assert computed[("base_response", "hit")] == 0 and computed[("base_response", "miss")] == 4
     assert computed[("reference_logprob", "hit")] == 0
     assert computed[("reference_logprob", "miss")] >= 8  # chosen + rejected (+ base) per pair
@@ -140,11 +128,11 @@ def test_users_never_see_cache_figures_operators_get_counters(stack: Stack) -> N
     # Another user sends the same pairs: everything is reused, and nothing tells them so.
     second_id, second_headers = stack.api.create_user("cache-second")
     post_pairs(http, second_id, second_headers, topic="planet")
-    middle = _cache_lookups(http)
+    middle = cache_lookups(http)
     second = train_and_wait(http, second_id, second_headers)
     assert second["status"] == "succeeded", second
     _assert_no_cache_figures(http, second_id, second, second_headers)
-    reused = _delta(_cache_lookups(http), middle)
+    reused = _delta(cache_lookups(http), middle)
     assert reused[("base_response", "hit")] == 4 and reused[("base_response", "miss")] == 0
     assert reused[("reference_logprob", "hit")] == computed[("reference_logprob", "miss")]
     assert reused[("reference_logprob", "miss")] == 0
@@ -157,9 +145,9 @@ def test_open_metrics_still_hide_the_cache_counters(tmp_path: Path) -> None:
         assert anonymous.status_code == 200 and "bapo_http_requests_total" in anonymous.text
         assert "bapo_training_cache_lookups" not in anonymous.text
         with httpx.Client(base_url=server.url, timeout=30) as http:
-            assert _cache_lookups(http) == {
+            assert cache_lookups(http) == {
                 (cache, result): 0.0
-                for cache in ("base_response", "reference_logprob")
+                for cache in ("base_response", "reference_logprob", "gate_baseline")
                 for result in ("hit", "miss")
             }
     finally:

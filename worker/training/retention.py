@@ -63,7 +63,9 @@ class KnowledgeComparison:
     delta: float
     stderr: float
     delta_norm: float = 0.0
-    base_computed: int = 0  # base outcomes computed by this call (0: all from the cache)
+    # base outcomes computed by this call (0: all from the cache); not in to_json: whether the
+    # shared cache was warm is not a user's fact (operators see it in /metrics)
+    base_computed: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready figures (`base`/`adapter`/`delta` as knowledge_retention() names them)."""
@@ -74,7 +76,6 @@ class KnowledgeComparison:
             "delta": self.delta,
             "delta_stderr": self.stderr,
             "delta_norm": self.delta_norm,
-            "base_computed": self.base_computed,
         }
 
 
@@ -110,7 +111,6 @@ class DegeneracyCheck:
             "nll_bound": self.nll_bound,
             "adapter_mean_nll": self.adapter_mean_nll,
             "base_mean_nll": self.base_mean_nll,
-            "base_computed": self.base_computed,
         }
 
 
