@@ -71,6 +71,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
             "LOG_JSON": "true",
             "HF_HUB_OFFLINE": "1",
             "OMP_NUM_THREADS": "1",
+            # the gate on its 2 first questions and prompts, as in the other worker tests
+            "GATE_MC_LIMIT": "2",
+            "GATE_PROMPT_LIMIT": "2",
             "METRICS_REQUIRE_OPERATOR_KEY": str(
                 _compose_services()["api"]["environment"]["METRICS_REQUIRE_OPERATOR_KEY"]
             ).lower(),  # YAML reads the compose default `true` as a boolean
