@@ -155,8 +155,9 @@ def specs(
 
 def write_report(out_path: Path, result: Record | None = None, make_plot: bool = True) -> None:
     """The Markdown tables and the PNG next to the result JSON (read from it when not given)."""
-    if result is None:
+    if result is None:  # re-derive the selection and goal with the current rules
         result = json.loads(out_path.read_text(encoding="utf-8"))
+        result["selection"], result["goal"] = decide(result["runs"])
     out_path.with_suffix(".md").write_text(report.markdown(result), encoding="utf-8")
     if make_plot:
         report.plot(result, out_path.with_suffix(".png"))
@@ -167,20 +168,7 @@ def assemble(
 ) -> Record:
     """The result document (every number, the plan, the machine, the duration)."""
     plan = session.plan
-    dpo = select.tune_dpo(runs)
-    selection: Record = {"dpo": dpo}
-    goal: Record = {**select.EMPTY_GOAL, "reason": "selection not finished"}
-    if dpo.get("selected_key"):
-        selection["default"] = select.choose_default(runs, dpo["selected_key"])
-        bapo_key = selection["default"].get("selected_key")
-        if bapo_key:
-            finals = [r for r in runs if r["phase"] == "final"]
-            goal = select.goal(finals, dpo["selected_key"], bapo_key)
-            selection["final"] = {
-                key: select.point([r for r in finals if r["setting_key"] == key])
-                for key in (dpo["selected_key"], bapo_key)
-                if any(r["setting_key"] == key for r in finals)
-            }
+    selection, goal = decide(runs)
     machine = dict(header["machine"], load_average_now=list(os.getloadavg()))
     return {
         "benchmark": "forgetting",
@@ -203,6 +191,26 @@ def assemble(
         "selection": selection,
         "goal": goal,
     }
+
+
+def decide(runs: list[Record]) -> tuple[Record, Record]:
+    """The selection (DPO tuning, frontier and default, final summaries) and the goal, from the
+    recorded runs by the rules in bench.forgetting.select."""
+    dpo = select.tune_dpo(runs)
+    selection: Record = {"dpo": dpo}
+    goal: Record = {**select.EMPTY_GOAL, "reason": "selection not finished"}
+    if dpo.get("selected_key"):
+        selection["default"] = select.choose_default(runs, dpo["selected_key"])
+        bapo_key = selection["default"].get("selected_key")
+        if bapo_key:
+            finals = [r for r in runs if r["phase"] == "final"]
+            goal = select.goal(finals, dpo["selected_key"], bapo_key)
+            selection["final"] = {
+                key: select.point([r for r in finals if r["setting_key"] == key])
+                for key in (dpo["selected_key"], bapo_key)
+                if any(r["setting_key"] == key for r in finals)
+            }
+    return selection, goal
 
 
 def base_record(session: Session) -> Record:

@@ -161,12 +161,21 @@ def dpo_table(result: Record) -> list[str]:
     if not dpo.get("points"):
         return []
     chosen = dpo.get("selected_key")
+    plan = result["plan"]
+    planned = (
+        len(plan["dpo_learning_rates"])
+        * len(plan["dpo_steps"])
+        * len(plan["selection_users"])
+        * len(plan["selection_seeds"])
+    )
+    done = sum(r["phase"] == "dpo_tuning" for r in result["runs"])
+    tag = " (tuned)" if done >= planned else " (best so far)"
     return [
         "**DPO tuning** (validation, selection users): the fluent setting with the largest "
-        "persona movement is the tuned DPO.",
+        f"persona movement is the tuned DPO ({done} of {planned} runs recorded).",
         "",
         *_POINT_HEADER,
-        *(_point_row(p, " (tuned)" if p["setting_key"] == chosen else "") for p in dpo["points"]),
+        *(_point_row(p, tag if p["setting_key"] == chosen else "") for p in dpo["points"]),
     ]
 
 
@@ -177,6 +186,8 @@ def frontier_table(result: Record) -> list[str]:
         return []
     chosen = default.get("selected_key")
     points = [p for p in default["frontier"] if p["setting"]["method"] == "bapo"]
+    if not points:
+        return []
     dpo = [p for p in default["frontier"] if p["setting_key"] == default.get("dpo_key")]
     why = f" ({default['why']})" if default.get("why") else ""
     return [

@@ -61,7 +61,11 @@ def point(runs: Sequence[Record]) -> Record:
         "seeds": sorted({r["seed"] for r in runs}),
         "runs": len(runs),
         "movement": mean(moves),
-        "movement_stderr": clustered_stderr(runs, lambda r: r["persona"]["movement"]),
+        "movement_stderr": (
+            clustered_stderr(runs, lambda r: r["persona"]["movement"])
+            if len({r["user"] for r in runs}) > 1
+            else stderr(moves)  # one user: the prompts are the units
+        ),
         "win_rate": mean([r["persona"]["win_rate"] for r in runs]),
         "mean_nll": mean([r["fluency"]["mean_nll"] for r in runs]),
         "base_mean_nll": mean([r["fluency"]["base_mean_nll"] for r in runs]),
@@ -69,8 +73,10 @@ def point(runs: Sequence[Record]) -> Record:
         "base_degenerate_fraction": base_fraction,
         "fluent": degenerate_fraction <= base_fraction + FLUENCY_MARGIN,
         "knowledge_delta": mean(knowledge),
-        "knowledge_delta_stderr": clustered_stderr(
-            runs, lambda r: r["knowledge"]["pooled"]["delta"]
+        "knowledge_delta_stderr": (
+            clustered_stderr(runs, lambda r: r["knowledge"]["pooled"]["delta"])
+            if len({r["user"] for r in runs}) > 1
+            else mean([r["knowledge"]["pooled"]["delta_stderr"] for r in runs])  # per question
         ),
         "knowledge_delta_stderr_questions": mean(
             [r["knowledge"]["pooled"]["delta_stderr"] for r in runs]
