@@ -311,13 +311,14 @@ class Stack:
 
 
 @contextmanager
-def job_stack(data_dir: Path, **extra_env: str) -> Iterator[Stack]:
-    """The whole service on a fresh Postgres database + the test Redis, with real workers."""
+def job_stack(data_dir: Path, broker_url: str | None = None, **extra_env: str) -> Iterator[Stack]:
+    """The whole service on a fresh Postgres database + the test Redis (or `broker_url`, e.g. a
+    private Redis), with real workers; extra_env goes to the workers only."""
     with postgres_database() as url:
         settings = make_settings(
             data_dir,
             url,
-            broker_url=flushed_redis_url(),
+            broker_url=broker_url or flushed_redis_url(),
             base_model=str(model_dir()),
             **STACK_SETTINGS,
         )

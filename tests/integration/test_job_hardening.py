@@ -11,19 +11,16 @@ import httpx
 import pytest
 
 from tests.fault_support import private_redis
-from tests.support import LiveServer, make_settings, postgres_database
+from tests.support import LiveServer, make_settings
 from tests.worker_support import (
     JOB_TIMEOUT_S,
-    STACK_SETTINGS,
     Stack,
-    WorkerProcess,
     adapter_listing,
     cache_lookups,
     events,
     hidden_entries,
-    model_dir,
+    job_stack,
     post_pairs,
-    settings_env,
     train_and_wait,
     version_folders,
     wait_for,
@@ -42,23 +39,9 @@ CACHE_FIGURES = ("cache_stats", "base_reused", "ref_reused", "base_computed", "r
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """job_stack's service, on a private Redis: no other suite's worker takes these messages."""
     data_dir = tmp_path_factory.mktemp("hardening-stack")
-    with postgres_database() as url, private_redis() as redis_server:
-        model = str(model_dir())
-        settings = make_settings(
-            data_dir, url, broker_url=redis_server.url, base_model=model, **STACK_SETTINGS
-        )
-        server = LiveServer(settings).start()
-        env = settings_env(settings, VLLM_MAX_LORA_RANK=str(WORKER_MAX_LORA_RANK))
-        default = WorkerProcess(env, "default", data_dir / "default.log", beat=True).start()
-        gpu = WorkerProcess(env, "gpu", data_dir / "gpu.log").start()
-        stack = Stack(server, settings, env, data_dir, gpu, default)
-        try:
-            yield stack
-        finally:
-            stack.api.close()
-            gpu.stop()
-            default.stop()
-            server.stop()
+    rank = {"VLLM_MAX_LORA_RANK": str(WORKER_MAX_LORA_RANK)}
+    with private_redis() as redis_server, job_stack(data_dir, redis_server.url, **rank) as stack:
+        yield stack
 
 
 def test_an_adapter_above_the_servers_rank_fails_and_the_previous_stays_active(
