@@ -18,7 +18,15 @@ from typing import Any
 
 from bench.forgetting import report, select
 from bench.forgetting.plan import Plan, Setting
-from bench.forgetting.runner import Log, RunSpec, Session, measure_base, open_session, run_one
+from bench.forgetting.runner import (
+    Log,
+    RunSpec,
+    Session,
+    measure_base,
+    open_session,
+    rejudge_fluency,
+    run_one,
+)
 
 Record = dict[str, Any]
 
@@ -128,6 +136,7 @@ def run_benchmark(
     )
     header = {"machine": machine_info(), "started_at": started_at, "data_seed": data_seed}
     measure_base(session)
+    runs = [rejudge_fluency(session, record) for record in runs]  # a newer fluency rule
     bench = Benchmark(session, out_path, header, runs)
     bench.started, bench.keep_adapters = started, keep_adapters
     users = [u.name for u in session.users]
@@ -225,7 +234,7 @@ def base_record(session: Session) -> Record:
             split: {"accuracy": sum(h) / max(1, len(h)), "n": len(h)}
             for split, h in session.base_alignment.items()
         },
-        "nll_bound": session.nll_bound,
+        "nll_bound": {s: band.to_json() for s, band in session.nll_bound.items()},
         "users": {
             user: {
                 s: {

@@ -21,9 +21,16 @@ from bench.forgetting.users import DIMENSIONS, User, dimension_users, dsp_users,
 from worker.training.anchors import Generation, cached_generations, compute_anchors
 from worker.training.cache import JsonFileCache, KeyValueCache, MemoryCache
 from worker.training.config import TrainConfig
-from worker.training.data import EncodedPair, Messages, Pair, encode_pair
+from worker.training.data import EncodedPair, Messages, Pair, encode_pair, encode_response
 from worker.training.evaluate import MCQuestion
-from worker.training.judge import answer_nll, fluency, percentile, persona_scores
+from worker.training.judge import (
+    FLUENCY_RULE,
+    Fluency,
+    LengthBand,
+    fluency,
+    length_band,
+    persona_scores,
+)
 from worker.training.model import CausalLM, load_model, load_tokenizer, model_identity
 from worker.training.trainer import TrainResult, train
 
@@ -88,7 +95,7 @@ class Session:
     encoded: dict[str, dict[str, list[EncodedPair]]] = field(default_factory=dict)
     base_preference: dict[str, dict[str, Any]] = field(default_factory=dict)
     base_slices: dict[str, dict[str, BaseSlice]] = field(default_factory=dict)
-    nll_bound: dict[str, float] = field(default_factory=dict)  # slice → NLL band of the base
+    nll_bound: dict[str, LengthBand] = field(default_factory=dict)  # slice → NLL band (fluent text)
     timings: dict[str, float] = field(default_factory=dict)
     cache_at_start: dict[str, Any] = field(default_factory=dict)
 
@@ -283,7 +290,7 @@ def encode_slice(session: Session, pairs: list[Pair]) -> list[EncodedPair]:
 
 def base_user_measures(session: Session) -> None:
     """Per user and judged slice: encoded pairs, the base's answers, their persona scores and
-    NLL; then each slice's NLL band (95th percentile of known-fluent text, `_fluent_nll`)."""
+    NLL; then each slice's NLL band (by length, of known-fluent text, `fluent_band`)."""
     slices = sorted(set(SLICE_OF_PHASE.values()))
     for user in session.users:
         session.encoded[user.name] = {s: encode_slice(session, user.slices[s]) for s in slices}
@@ -294,29 +301,34 @@ def base_user_measures(session: Session) -> None:
             s: _judge_base(session, user, user.prompts(s)) for s in slices
         }
     for s in slices:
-        session.nll_bound[s] = percentile(_fluent_nll(session, s), NLL_BAND_QUANTILE)
+        session.nll_bound[s] = fluent_band(session, s)
         for user in session.users:
             base = session.base_slices[user.name][s]
             base.degenerate = _fluency(session, base.prompts, base.answers, s).degenerate
 
 
-def _fluent_nll(session: Session, slice_name: str) -> list[float]:
-    """Per-token NLL of known-fluent text on a slice, under the base model: the base's own
-    answers and every user's chosen and rejected responses (written by people or by the model).
+def fluent_band(session: Session, slice_name: str) -> LengthBand:
+    """The NLL band of a slice from known-fluent text under the base model: the base's own
+    answers and every user's chosen and rejected responses (written by people or by the model),
+    by length (judge.length_band: the first n tokens of each text for an n-token answer).
 
     The band must hold fluent text in *any* user's style: the base's answers alone are its most
     likely text, so a fluent answer in a human-written style (DSP literature, NLL 1.2 vs the
-    base answers' 95th percentile 1.04 in a quick run) would count as broken.
+    base answers' 95th percentile 1.04 in a quick run) would count as broken; and a band of
+    64-token texts alone calls a concise user's fluent six-word answers broken (per-token NLL
+    2.5–4.5 on 4–10 tokens, against 2.41, in the full run's first DPO runs).
     """
-    values: list[float] = []
+    prompts: list[Messages] = []
+    texts: list[list[int]] = []
     for user in session.users:
-        values += session.base_slices[user.name][slice_name].nll
+        user_prompts = user.prompts(slice_name)
+        prompts += user_prompts
+        texts += [a.token_ids for a in session.base_slices[user.name][slice_name].answers]
         pairs = session.encoded[user.name][slice_name]
-        prompts = user.prompts(slice_name)
         for kind in ("chosen", "rejected"):
-            ids = [getattr(p, kind) for p in pairs]
-            values += answer_nll(session.base_model, session.tokenizer, prompts, ids)
-    return values
+            prompts += user_prompts
+            texts += [getattr(p, kind) for p in pairs]
+    return length_band(session.base_model, session.tokenizer, prompts, texts, NLL_BAND_QUANTILE)
 
 
 def _judge_base(session: Session, user: User, prompts: list[Messages]) -> BaseSlice:
@@ -481,21 +493,11 @@ def judge_record(session: Session, user: User, model: CausalLM, slice_name: str)
         session.base_model, session.tokenizer, base.prompts, ids, user.instruction
     )
     judged = _fluency(session, base.prompts, answers, slice_name)
-    base_degenerate = sum(base.degenerate) / max(1, len(base.degenerate))
     record: Record = {
         "persona": measures.persona_movement(base.persona, scores),
-        "fluency": {
-            "mean_nll": judged.mean_nll,
-            "base_mean_nll": measures.mean(base.nll),
-            "degenerate_fraction": judged.degenerate_fraction,
-            "base_degenerate_fraction": base_degenerate,
-            "nll_bound": session.nll_bound[slice_name],
-            "ok": judged.degenerate_fraction <= base_degenerate + FLUENCY_MARGIN,
-            "nll": judged.nll,
-            "degenerate": [int(d) for d in judged.degenerate],
-            "base_degenerate": [int(d) for d in base.degenerate],
-        },
+        "fluency": fluency_record(session, base, judged, slice_name),
         "answers": [a.text[:TEXT_KEPT] for a in answers],
+        "answer_ids": [a.token_ids for a in answers],
         "base_answers": [a.text[:TEXT_KEPT] for a in base.answers],
     }
     if user.rule:
@@ -503,6 +505,47 @@ def judge_record(session: Session, user: User, model: CausalLM, slice_name: str)
             user, [a.text for a in base.answers], [a.text for a in answers]
         )
     return record
+
+
+def fluency_record(session: Session, base: BaseSlice, judged: Fluency, slice_name: str) -> Record:
+    """The adapter's fluency against the base's on one slice, under FLUENCY_RULE."""
+    base_degenerate = sum(base.degenerate) / max(1, len(base.degenerate))
+    return {
+        "rule": FLUENCY_RULE,
+        "mean_nll": judged.mean_nll,
+        "base_mean_nll": measures.mean(base.nll),
+        "degenerate_fraction": judged.degenerate_fraction,
+        "base_degenerate_fraction": base_degenerate,
+        "nll_bound": session.nll_bound[slice_name].to_json(),
+        "ok": judged.degenerate_fraction <= base_degenerate + FLUENCY_MARGIN,
+        "nll": judged.nll,
+        "tokens": judged.tokens,
+        "degenerate": [int(d) for d in judged.degenerate],
+        "base_degenerate": [int(d) for d in base.degenerate],
+    }
+
+
+def rejudge_fluency(session: Session, record: Record) -> Record:
+    """A record judged under an older fluency rule, judged again under FLUENCY_RULE from its
+    recorded answers (no training or generation): the answers' token ids when recorded, else
+    their text re-encoded the way the template writes an assistant turn."""
+    if record["fluency"].get("rule") == FLUENCY_RULE:
+        return record
+    user = session.user(record["user"])
+    base = session.base_slices[user.name][record["slice"]]
+    if "answer_ids" in record:
+        recorded = zip(record["answers"], record["answer_ids"], strict=True)
+        answers = [Generation(text, ids, True) for text, ids in recorded]
+        source = "recorded token ids"
+    else:
+        answers = [
+            Generation(text, encode_response(session.tokenizer, messages, text, 10**6), True)
+            for messages, text in zip(base.prompts, record["answers"], strict=True)
+        ]
+        source = "answer text re-encoded (recorded before token ids were kept)"
+    judged = _fluency(session, base.prompts, answers, record["slice"])
+    fluency = {**fluency_record(session, base, judged, record["slice"]), "rejudged": source}
+    return {**record, "fluency": fluency}
 
 
 def knowledge_record(

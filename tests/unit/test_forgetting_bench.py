@@ -220,6 +220,7 @@ def test_mc_outcomes_match_the_engine(model_path: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_tiny_benchmark_end_to_end_and_resume(model_path: Path, tmp_path: Path) -> None:
     from bench.forgetting.benchmark import run_benchmark
+    from worker.training.judge import FLUENCY_RULE
 
     out = tmp_path / "results" / "forgetting.json"
     kwargs: dict[str, Any] = {
@@ -255,14 +256,26 @@ def test_tiny_benchmark_end_to_end_and_resume(model_path: Path, tmp_path: Path) 
         goal
     )
     assert (goal["users"], goal["seeds"], goal["met"]) == (1, 1, False)  # too few users/seeds
-    # resume: drop the last run from the file; a second invocation trains only that one
+    for run in result["runs"]:
+        assert run["fluency"]["rule"] == FLUENCY_RULE
+        assert len(run["fluency"]["tokens"]) == len(run["answer_ids"]) == 2
+    # resume: drop the last run from the file; a second invocation trains only that one; a run
+    # recorded under an older fluency rule (no rule, no token ids) is judged again from its text
     recorded = json.loads(out.read_text())
     recorded["runs"] = recorded["runs"][:-1]
+    old = recorded["runs"][0]
+    del old["answer_ids"], old["fluency"]["rule"]
+    old["fluency"]["degenerate"] = [1, 1]
     out.write_text(json.dumps(recorded))
     log: list[str] = []
     again = run_benchmark(tiny_plan(), log=log.append, **kwargs)
     assert sum(line.startswith("run ") for line in log) == 1
     assert [r["key"] for r in again["runs"]] == [r["key"] for r in result["runs"]]
+    rejudged = again["runs"][0]["fluency"]
+    assert rejudged["rule"] == FLUENCY_RULE and "re-encoded" in rejudged["rejudged"]
+    assert rejudged["degenerate"] == result["runs"][0]["fluency"]["degenerate"]
+    assert rejudged["nll"] == pytest.approx(result["runs"][0]["fluency"]["nll"], abs=0.05)
+    assert "rejudged" not in again["runs"][1]["fluency"]
 
 
 def test_dimension_users_swap_poles_and_skip_identical_answers() -> None:
@@ -366,3 +379,43 @@ def test_judge_flags_repetition_and_scores_the_persona(model_path: Path) -> None
     instruction = "Answer like a pirate."
     told = persona_scores(model, tokenizer, [prompt, prompt], [pirate, plain], instruction)
     assert told[0] > told[1]  # the instruction makes the pirate answer likelier, per token
+
+
+def test_length_band_takes_the_bound_of_the_longest_length_reached() -> None:
+    from worker.training.judge import LengthBand, bound_for, content_ids
+
+    band = LengthBand((2, 8, 32), (4.0, 2.5, 1.5), 0.95, (40, 30, 20))
+    assert [band.bound(n) for n in (1, 2, 7, 8, 31, 32, 500)] == [4.0, 4.0, 4.0, 2.5, 2.5, 1.5, 1.5]
+    assert bound_for(3.0, 5) == 3.0 and bound_for(band, 9) == 2.5
+    assert content_ids([5, 6, 2, 198], 2) == [5, 6] and content_ids([5, 6], 2) == [5, 6]
+
+
+def test_fluency_scores_content_only_and_judges_short_answers_by_short_text(
+    model_path: Path,
+) -> None:
+    from worker.training.judge import fluency, length_band, percentile, token_nll
+    from worker.training.model import load_model, load_tokenizer
+
+    model, tokenizer = load_model(model_path), load_tokenizer(model_path)
+    eot = tokenizer.eos_token_id
+    prompt = [{"role": "user", "content": "What is the capital of France?"}]
+    short = tokenizer("Paris.", add_special_tokens=False)["input_ids"]
+    ended = fluency(model, tokenizer, [prompt], [("Paris.", [*short, eot])])
+    plain = fluency(model, tokenizer, [prompt], [("Paris.", short)])
+    assert ended.nll == pytest.approx(plain.nll, abs=1e-4) and ended.tokens == [len(short)]
+    # the band of long fluent texts: a per-token mean over few tokens spreads wider, so the
+    # bound at 2 tokens is the 95th percentile of the texts' first 2 tokens, not of all 64
+    long_texts = [
+        "The capital of France is Paris, a city on the Seine known for its museums, its "
+        "cafés and the Eiffel Tower, which was built for the world fair of 1889.",
+        "France's capital is Paris. It is the country's largest city and its centre of "
+        "government, culture and business, with about two million people.",
+    ] * 12
+    fluent = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in long_texts]
+    prompts = [prompt] * len(fluent)
+    band = length_band(model, tokenizer, prompts, fluent, 0.95)
+    rows = token_nll(model, tokenizer, prompts, fluent)
+    first_two = [sum(r[:2]) / 2 for r in rows]
+    assert band.bounds[0] == pytest.approx(percentile(first_two, 0.95), abs=1e-5)
+    assert band.lengths[0] == 2 and band.texts[0] == len(fluent)
+    assert max(band.lengths) <= min(len(f) for f in fluent)

@@ -36,6 +36,13 @@ def sequence_logprobs(model: CausalLM, batch: Batch) -> torch.Tensor:
     response tokens) → [N] float32. Position t's hidden state predicts token t+1, so the scored
     positions are response_mask[:, 1:]; only those K positions reach lm_head ([K, H] → [K, V]).
     """
+    token_logps, rows = _token_logprobs(model, batch)
+    totals = torch.zeros(batch.input_ids.shape[0], dtype=torch.float32, device=token_logps.device)
+    return totals.index_add(0, rows, token_logps)
+
+
+def _token_logprobs(model: CausalLM, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(y_t | x, y_<t) of every response token in row order [K], and each one's row [K]."""
     backbone, head = backbone_and_head(model)
     device = batch.input_ids.device
     with autocast(device):
@@ -48,8 +55,7 @@ def sequence_logprobs(model: CausalLM, batch: Batch) -> torch.Tensor:
     targets = batch.input_ids[:, 1:][scored]  # [K]
     token_logps = -F.cross_entropy(logits, targets, reduction="none")  # [K]
     rows = torch.arange(scored.shape[0], device=device).unsqueeze(1).expand_as(scored)[scored]
-    totals = torch.zeros(scored.shape[0], dtype=torch.float32, device=device)
-    return totals.index_add(0, rows, token_logps)
+    return token_logps, rows
 
 
 def score_sequences(
@@ -68,6 +74,26 @@ def score_sequences(
             batch = collate([rows[i] for i in chunk], pad_token_id).to(device)
             for i, value in zip(chunk, sequence_logprobs(model, batch).tolist(), strict=True):
                 scores[i] = value
+    return scores
+
+
+def score_tokens(
+    model: CausalLM,
+    rows: list[tuple[list[int], list[int]]],
+    pad_token_id: int,
+    batch_size: int,
+) -> list[list[float]]:
+    """Per-token log-probs of each row's response ids, without gradients, in input order."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+    scores: list[list[float]] = [[] for _ in rows]
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = collate([rows[i] for i in chunk], pad_token_id).to(device)
+            token_logps, row_of = _token_logprobs(model, batch)
+            for value, row in zip(token_logps.tolist(), row_of.tolist(), strict=True):
+                scores[chunk[row]].append(value)
     return scores
 
 

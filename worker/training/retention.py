@@ -19,7 +19,7 @@ adapter: they are read from a cache and computed only when missing. Keys (values
   MC outcome:  f"gate-mc:{identity}:{sha256(question)[:32]}:{MC_MAX_PROMPT_TOKENS}"
                f":{MC_MAX_CHOICE_TOKENS}:g{GATE_CACHE_FORMAT}"
   base answer: f"gate-answer:{identity}:{prompt_key}:{FLUENCY_MAX_NEW_TOKENS}"
-               f":{JUDGE_MAX_PROMPT_TOKENS}:g{GATE_CACHE_FORMAT}"
+               f":{JUDGE_MAX_PROMPT_TOKENS}:g{GATE_CACHE_FORMAT}:{FLUENCY_RULE}"
 One key per question (not per file) so that a GATE_MC_LIMIT, or questions added to a file, reuse
 every outcome already known. Torch and the model code are imported inside the functions: the
 worker's verdict and its tests read these figures without loading them.
@@ -230,9 +230,10 @@ def _decoded(value: Any) -> Any:
 def answer_key(identity: str, messages: Messages) -> str:
     """Cache key of the base model's judged greedy answer to one general prompt."""
     from worker.training.cache import prompt_key
-    from worker.training.judge import JUDGE_MAX_PROMPT_TOKENS
+    from worker.training.judge import FLUENCY_RULE, JUDGE_MAX_PROMPT_TOKENS
 
     settings = f"{FLUENCY_MAX_NEW_TOKENS}:{JUDGE_MAX_PROMPT_TOKENS}:g{GATE_CACHE_FORMAT}"
+    settings += f":{FLUENCY_RULE}"
     return f"gate-answer:{identity}:{prompt_key(messages)}:{settings}"
 
 

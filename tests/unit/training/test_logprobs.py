@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from worker.training.data import collate, encode_prompt, encode_response
-from worker.training.logprobs import score_sequences, sequence_logprobs
+from worker.training.logprobs import score_sequences, score_tokens, sequence_logprobs
 
 pytestmark = pytest.mark.slow
 
@@ -79,3 +79,6 @@ def test_score_sequences_keeps_input_order(base_model: Any, batch: Any) -> None:
         expected = sequence_logprobs(base_model, batch).tolist()
     scores = score_sequences(base_model, rows[::-1], pad_token_id=2, batch_size=1)
     assert scores == pytest.approx(expected[::-1], abs=1e-3)
+    per_token = score_tokens(base_model, rows[::-1], pad_token_id=2, batch_size=2)
+    assert [len(t) for t in per_token] == [len(r[1]) for r in rows[::-1]]
+    assert [sum(t) for t in per_token] == pytest.approx(expected[::-1], abs=1e-3)
