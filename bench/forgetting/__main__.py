@@ -61,6 +61,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "two threads waiting on each other behind other processes ran ~10x slower here)",
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes sharing the runs, forked after the base measurements; each computes on "
+        "one thread (one worker per core)",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="only re-render the .md and .png from an existing --out JSON (also mid-run)",
@@ -107,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         log=log,
         keep_adapters=args.keep_adapters,
         resume=not args.fresh,
+        workers=args.workers,
     )
     return 0
 

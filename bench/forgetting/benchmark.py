@@ -3,16 +3,24 @@
 Every finished run is written into the result JSON at once; a restart with the same plan and data
 seed reads it back and skips those runs, so a stopped run (a session ending, a crash) loses at
 most the run in progress. Selection reads only validation runs; the final phase runs after it.
+
+With `workers` > 1 the process forks that many workers after the base measurements (each
+inherits them, nothing is measured twice). They share the result JSON: a worker claims a run
+(a file in work_dir/claims holding its pid; a dead worker's claim is taken over), trains it, and
+merges its record into the file under a lock. A phase ends when all its runs are recorded, so the
+next phase's selection reads every worker's runs.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import os
 import platform
 import shutil
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -76,37 +84,124 @@ def previous_runs(out_path: Path, plan: Plan, data_seed: int, log: Log) -> list[
 
 
 class Benchmark:
-    """One invocation: the session, the recorded runs, and how to add one."""
+    """One invocation (or one worker of it): the session, the recorded runs, and how to add one."""
 
     def __init__(self, session: Session, out_path: Path, header: Record, runs: list[Record]):
         self.session, self.out_path, self.header = session, out_path, header
         self.runs = runs
         self.started = time.perf_counter()
         self.keep_adapters = False
+        self.claims = session.work_dir / "claims"  # run_benchmark: one dir for all workers
+        self.poll_s = 10.0
 
     def done(self, spec: RunSpec) -> bool:
         """Whether this run is already recorded."""
         return any(r["key"] == spec.key for r in self.runs)
 
     def ensure(self, specs: list[RunSpec]) -> None:
-        """Run every spec not yet recorded, recording each as it finishes."""
-        for spec in specs:
-            if self.done(spec):
+        """Run every spec not yet recorded, recording each as it finishes; return once every one
+        is recorded (by this worker or another)."""
+        while True:
+            self.sync()
+            pending = [spec for spec in specs if not self.done(spec)]
+            if not pending:
+                return
+            spec = next((s for s in pending if self.claim(s)), None)
+            if spec is None:  # the rest are other workers' runs in progress
+                time.sleep(self.poll_s)
                 continue
-            log = self.session.log
-            log(f"run {len(self.runs) + 1}: {spec.key}")
-            record = run_one(self.session, spec)
-            self.runs.append(record)
-            _log_run(log, record)
-            if not self.keep_adapters:
-                shutil.rmtree(self.session.work_dir / "adapters", ignore_errors=True)
-            self.write("running")
+            try:
+                self.run(spec)
+            finally:
+                self.claim_path(spec).unlink(missing_ok=True)
 
-    def write(self, status: str) -> Record:
-        """Assemble and write the result JSON atomically."""
+    def run(self, spec: RunSpec) -> None:
+        """Train and judge one run, then merge its record into the result file."""
+        log = self.session.log
+        log(f"run {len(self.runs) + 1}: {spec.key}")
+        record = {**run_one(self.session, spec), "worker_pid": os.getpid()}
+        _log_run(log, record)
+        if not self.keep_adapters:
+            shutil.rmtree(self.session.work_dir / "adapters", ignore_errors=True)
+        with self.locked():
+            self.sync()
+            if not self.done(spec):
+                self.runs.append(record)
+            self.write("running", locked=True)
+
+    def claim_path(self, spec: RunSpec) -> Path:
+        """The claim file of one run."""
+        return self.claims / (spec.key.replace("|", "--").replace(" ", "_").replace("/", "-"))
+
+    def claim(self, spec: RunSpec) -> bool:
+        """Claim a run for this process; False when a live worker holds it."""
+        self.claims.mkdir(parents=True, exist_ok=True)
+        path = self.claim_path(spec)
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if _alive(path):
+                    return False
+                path.unlink(missing_ok=True)  # its worker died: take the run over
+                continue
+            with os.fdopen(fd, "w") as handle:
+                handle.write(str(os.getpid()))
+            return True
+        return False
+
+    def locked(self) -> Any:
+        """An exclusive lock on the result file (its .lock sibling) for a read-merge-write."""
+        return _FileLock(self.out_path.with_name(f".{self.out_path.name}.lock"))
+
+    def sync(self) -> None:
+        """Add the runs other workers recorded in the result file since we last read it."""
+        if not self.out_path.is_file():
+            return
+        try:
+            recorded = json.loads(self.out_path.read_text(encoding="utf-8")).get("runs", [])
+        except (OSError, json.JSONDecodeError):
+            return
+        keys = {r["key"] for r in self.runs}
+        self.runs += [r for r in recorded if r["key"] not in keys]
+
+    def write(self, status: str, locked: bool = False) -> Record:
+        """Assemble and write the result JSON atomically (merging other workers' runs first)."""
+        if not locked:
+            with self.locked():
+                self.sync()
+                return self.write(status, locked=True)
         result = assemble(self.session, self.runs, self.header, self.started, status)
         _write(self.out_path, result)
         return result
+
+
+class _FileLock:
+    """fcntl.flock on a file, as a context manager."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.handle: Any = None
+
+    def __enter__(self) -> _FileLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = self.path.open("a")
+        fcntl.flock(self.handle, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
+
+
+def _alive(claim: Path) -> bool:
+    """Whether the process named in a claim file still runs."""
+    try:
+        pid = int(claim.read_text() or "0")
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def run_benchmark(
@@ -121,8 +216,10 @@ def run_benchmark(
     keep_adapters: bool = False,
     make_plot: bool = True,
     resume: bool = True,
+    workers: int = 1,
 ) -> Record:
-    """Run (or finish) every phase, writing out_path after each run and at the end."""
+    """Run (or finish) every phase, writing out_path after each run and at the end; with
+    workers > 1, that many forked processes share the runs (module doc)."""
     started, started_at = time.perf_counter(), _now()
     runs = previous_runs(out_path, plan, data_seed, log) if resume else []
     session = open_session(
@@ -139,6 +236,58 @@ def run_benchmark(
     runs = [rejudge_fluency(session, record) for record in runs]  # a newer fluency rule
     bench = Benchmark(session, out_path, header, runs)
     bench.started, bench.keep_adapters = started, keep_adapters
+    bench.claims = work_dir / "claims"
+    if not resume:
+        shutil.rmtree(bench.claims, ignore_errors=True)
+    bench.write("running")  # the rejudged runs, and a file every worker merges into
+    children = [] if workers <= 1 else _fork_workers(bench, workers - 1)
+    if children is None:  # a forked worker: do runs until the phases are done, then leave
+        code = 0
+        try:
+            _phases(bench, plan)
+        except BaseException:
+            session.log(f"worker failed (its run is left to the others):\n{traceback.format_exc()}")
+            code = 1
+        os._exit(code)  # never return into the parent's caller
+    _phases(bench, plan)
+    for pid in children:
+        _, status = os.waitpid(pid, 0)
+        if status:
+            log(f"worker {pid} exited with status {status}")
+    result = bench.write("done")
+    write_report(out_path, result, make_plot=make_plot)
+    log(f"done in {result['duration_s'] / 60:.1f} min → {out_path}")
+    return result
+
+
+def _fork_workers(bench: Benchmark, count: int) -> list[int] | None:
+    """Fork `count` workers; the parent gets their pids, a child gets None (its own work dir
+    and log prefix, the base measurements inherited)."""
+    session = bench.session
+    pids = []
+    for k in range(1, count + 1):
+        pid = os.fork()
+        if pid == 0:
+            import torch
+
+            # OpenMP's thread team does not survive fork (a parallel op in the child waits on
+            # threads that only exist in the parent): a worker computes on one thread, inline
+            torch.set_num_threads(1)
+            session.work_dir = session.work_dir / f"worker-{k}"
+            session.log = _prefixed(session.log, f"[worker {k}] ")
+            return None
+        pids.append(pid)
+    return pids
+
+
+def _prefixed(log: Log, prefix: str) -> Log:
+    """A log that puts a prefix before each message."""
+    return lambda message: log(prefix + message)
+
+
+def _phases(bench: Benchmark, plan: Plan) -> None:
+    """DPO tuning, BAPO variants at the tuned budget, then the final comparison."""
+    session = bench.session
     users = [u.name for u in session.users]
     selection_users = [u for u in plan.selection_users if u in users]
     bench.ensure(specs("dpo_tuning", selection_users, plan.dpo_grid(), plan.selection_seeds))
@@ -149,10 +298,6 @@ def run_benchmark(
     default = select.setting_of(select.choose_default(bench.runs, tuned.key)["selected"])
     final = [tuned] + ([default] if default is not None else [])
     bench.ensure(specs("final", users, final, plan.final_seeds))
-    result = bench.write("done")
-    write_report(out_path, result, make_plot=make_plot)
-    log(f"done in {result['duration_s'] / 60:.1f} min → {out_path}")
-    return result
 
 
 def specs(

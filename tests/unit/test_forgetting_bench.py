@@ -11,13 +11,14 @@ import csv
 import gzip
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bench.forgetting import datasets, measures, select
-from bench.forgetting.plan import Plan, bapo
+from bench.forgetting.plan import Plan, Setting, bapo
 from bench.forgetting.users import SliceSizes, dimension_users
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -419,3 +420,42 @@ def test_fluency_scores_content_only_and_judges_short_answers_by_short_text(
     assert band.bounds[0] == pytest.approx(percentile(first_two, 0.95), abs=1e-5)
     assert band.lengths[0] == 2 and band.texts[0] == len(fluent)
     assert max(band.lengths) <= min(len(f) for f in fluent)
+
+
+def test_a_dead_workers_claim_is_taken_over_and_a_live_ones_is_not(tmp_path: Path) -> None:
+    import subprocess
+    import types
+
+    from bench.forgetting.benchmark import Benchmark
+    from bench.forgetting.runner import RunSpec
+
+    session: Any = types.SimpleNamespace(work_dir=tmp_path)
+    bench = Benchmark(session, tmp_path / "out.json", {}, [])
+    spec = RunSpec("dpo_tuning", "u1", Setting("dpo", 1e-3, 4), 0)
+    bench.claims.mkdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    bench.claim_path(spec).write_text(str(gone.pid))  # its worker died mid-run
+    assert bench.claim(spec) and bench.claim_path(spec).read_text() == str(os.getpid())
+    assert not bench.claim(spec)  # now held by a live process (this one)
+
+
+@pytest.mark.slow
+def test_two_workers_share_the_runs_and_record_each_once(model_path: Path, tmp_path: Path) -> None:
+    from bench.forgetting.benchmark import run_benchmark
+
+    out = tmp_path / "results" / "forgetting.json"
+    log: list[str] = []
+    result = run_benchmark(
+        tiny_plan(), log=log.append, data_seed=0, data_dir=make_data(tmp_path / "data"),
+        model_path=model_path, work_dir=tmp_path / "work", out_path=out, make_plot=False,
+        workers=2,
+    )  # fmt: skip
+    keys = [r["key"] for r in result["runs"]]
+    assert len(keys) == len(set(keys)) == 6  # every run once, whoever trained it
+    assert [r["phase"] for r in json.loads(out.read_text())["runs"]].count("final") == 2
+    assert result["status"] == "done" and _finite(result)
+    assert list((tmp_path / "work" / "claims").iterdir()) == []
+    # both took runs: the child claims the second DPO run while the parent trains the first
+    # (a run takes seconds, a claim microseconds)
+    assert len({r["worker_pid"] for r in result["runs"]}) == 2

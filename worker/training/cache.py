@@ -11,6 +11,7 @@ changes whenever what a value means changes, so no cache written by an older eng
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -84,7 +85,11 @@ class MemoryCache:
 
 
 class JsonFileCache(MemoryCache):
-    """A cache kept as one JSON object in a file, rewritten atomically on each put (CLI use)."""
+    """A cache kept as one JSON object in a file, rewritten atomically on each put (CLI use).
+
+    Processes may share the file (e.g. the forgetting benchmark's workers): each put merges what
+    the file holds now, under an exclusive lock on a `.lock` sibling, so no entry is lost.
+    """
 
     def __init__(self, path: Path) -> None:
         super().__init__()
@@ -98,14 +103,18 @@ class JsonFileCache(MemoryCache):
             return
         super().put_many(items)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(self.data, handle)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with self.path.with_name(f".{self.path.name}.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.path.exists():
+                self.data = {**_read_json_object(self.path), **self.data}
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                    json.dump(self.data, handle)
+                os.replace(tmp, self.path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
 
 
 def _read_json_object(path: Path) -> dict[str, Any]:

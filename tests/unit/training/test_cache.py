@@ -30,7 +30,16 @@ def test_json_file_cache_persists(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "cache.json"
     JsonFileCache(path).put_many({"k": -3.25, "b": "answer"})
     assert JsonFileCache(path).get_many(["k", "b"]) == {"k": -3.25, "b": "answer"}
-    assert [p.name for p in path.parent.iterdir()] == ["cache.json"]  # no temp files left
+    names = sorted(p.name for p in path.parent.iterdir())
+    assert names == [".cache.json.lock", "cache.json"]  # no temp files left; the lock stays
+
+
+def test_json_file_caches_sharing_a_file_keep_each_others_entries(tmp_path: Path) -> None:
+    path = tmp_path / "shared.json"
+    first, second = JsonFileCache(path), JsonFileCache(path)  # two processes, both opened early
+    first.put_many({"a": 1})
+    second.put_many({"b": 2})  # before the merge, this rewrite dropped "a"
+    assert JsonFileCache(path).get_many(["a", "b"]) == {"a": 1, "b": 2}
 
 
 def test_json_file_cache_refuses_a_bad_file(tmp_path: Path) -> None:
