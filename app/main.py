@@ -20,14 +20,16 @@ from app.api.routes import (
     users,
     web,
 )
+from app.api.state import AppState, app_state, install_state
 from app.core.config import Settings, get_settings
 from app.core.db import make_engine, make_sessionmaker, migration_state, upgrade_to_head
 from app.core.errors import install_error_handlers
 from app.core.metrics import Metrics, MetricsMiddleware
 from app.core.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
+from app.core.ratelimit import RateLimiter, limiter_redis_url
 from app.core.security import load_or_create_operator_key
 from app.queue import broker_check
-from app.services.generate import install_inference
+from app.services.generate import build_handler
 from app.services.health import database_check
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,7 @@ class NotMigratedError(RuntimeError):
 
 def prepare_database(settings: Settings, app: FastAPI) -> None:
     """Migrate an embedded database; refuse to serve an un-migrated server database."""
-    engine = app.state.engine
+    engine = app_state(app).engine
     if settings.auto_migrate:
         upgrade_to_head(settings.database_url)
     current, head = migration_state(engine)
@@ -58,12 +60,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = app_state(app)
         prepare_database(settings, app)
-        app.state.generate_handler.start()
+        state.generate.start()
         yield
-        for hook in app.state.shutdown_hooks:
+        for hook in state.shutdown_hooks:
             await hook()
-        app.state.engine.dispose()
+        state.engine.dispose()
 
     app = FastAPI(
         title="BAPO personalization service",
@@ -71,8 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Per-user LoRA adapters trained with BAPO on preference feedback, served by vLLM.",
         lifespan=lifespan,
     )
-    _init_state(app, settings)
-    install_inference(app, settings)
+    install_state(app, build_state(settings))
     install_error_handlers(app)
     for router in (health.router, metrics.router, users.router, feedback.router, train.router):
         app.include_router(router)
@@ -83,20 +85,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def _init_state(app: FastAPI, settings: Settings) -> None:
+def build_state(settings: Settings) -> AppState:
+    """Everything the requests share: database, keys, metrics, limits, the generate handler."""
     engine = make_engine(settings)
-    app.state.settings = settings
-    app.state.engine = engine
-    app.state.sessionmaker = make_sessionmaker(engine)
+    metrics = Metrics()
+    metrics.watch_jobs(engine)
+    handler = build_handler(settings, metrics)
+    checks = {"database": database_check(engine), "broker": broker_check(settings)}
+    return AppState(
+        settings=settings,
+        engine=engine,
+        session_factory=make_sessionmaker(engine),
+        operator_key=_operator_key(settings),
+        metrics=metrics,
+        rate_limiter=RateLimiter(limiter_redis_url(settings)),
+        generate=handler,
+        ready_checks={**checks, "inference": handler.backend.ready},
+        user_deleted_hooks=[handler.user_deleted],
+        shutdown_hooks=[handler.backend.aclose],
+    )
+
+
+def _operator_key(settings: Settings) -> str:
+    """OPERATOR_KEY, else the key generated once and kept in DATA_DIR."""
     if settings.operator_key is not None:
-        app.state.operator_key = settings.operator_key.get_secret_value()
-    else:
-        app.state.operator_key, _ = load_or_create_operator_key(settings.data_dir)
-    app.state.ready_checks = {"database": database_check(engine), "broker": broker_check(settings)}
-    app.state.user_deleted_hooks = []
-    app.state.shutdown_hooks = []
-    app.state.metrics = Metrics()
-    app.state.metrics.watch_jobs(engine)
+        return settings.operator_key.get_secret_value()
+    key, _ = load_or_create_operator_key(settings.data_dir)
+    return key
 
 
 def _add_middleware(app: FastAPI, settings: Settings) -> None:
@@ -108,5 +123,5 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
         )
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(MetricsMiddleware, metrics=app_state(app).metrics)
     app.add_middleware(RequestIdMiddleware)

@@ -142,6 +142,18 @@ class TrainingJob(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
 
+    @property
+    def gate(self) -> Any:
+        """The retention gate's verdict in the final metrics (None until the gate has run)."""
+        return (self.metrics or {}).get("gate")
+
+    @property
+    def duration_s(self) -> float | None:
+        """Seconds from start to finish (to now while it runs); None before it started."""
+        if self.started_at is None:
+            return None
+        return ((self.finished_at or utcnow()) - self.started_at).total_seconds()
+
 
 class JobEvent(Base):
     __tablename__ = "job_events"
@@ -170,6 +182,12 @@ class Adapter(Base):
     gate_passed: Mapped[bool] = mapped_column(Boolean, default=True)
     gate_reason: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    @property
+    def gate(self) -> dict[str, Any] | None:
+        """The gate's verdict and figures recorded in the metrics (None if none were)."""
+        gate = (self.metrics or {}).get("gate")
+        return gate if isinstance(gate, dict) and "passed" in gate else None
 
 
 class AdapterVersionFloor(Base):

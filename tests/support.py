@@ -17,6 +17,7 @@ import httpx
 import uvicorn
 from sqlalchemy import create_engine, text
 
+from app.api.state import app_state
 from app.core.config import Settings
 from app.core.db import upgrade_to_head
 from app.main import create_app
@@ -110,7 +111,7 @@ class LiveServer:
 
     def wipe(self) -> None:
         """Delete every row, so the next test starts from an empty (migrated) database."""
-        with self.app.state.engine.begin() as conn:
+        with app_state(self.app).engine.begin() as conn:
             for table in TABLES:
                 conn.execute(text(f"DELETE FROM {table}"))
 

@@ -1,32 +1,35 @@
-"""Request dependencies: settings, the per-request transaction, and who is calling."""
+"""Request dependencies: the app's state and settings, the per-request transaction, who is calling,
+page sizes and rate limits."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated
 
 from fastapi import Depends, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from sqlalchemy.orm import Session
 
+from app.api.state import AppState, StateDep, app_state
 from app.core.config import Settings
 from app.core.db import transaction
 from app.core.errors import Unauthorized
+from app.core.ratelimit import enforce
 from app.core.security import Principal, keys_equal, validate_user_id
 from app.services import users as user_service
 
 bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <api key>`")
 
 
-def get_settings(request: Request) -> Settings:
+def get_settings(state: StateDep) -> Settings:
     """The app's settings."""
-    settings: Settings = request.app.state.settings
-    return settings
+    return state.settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
+def get_session(state: StateDep) -> Iterator[Session]:
     """One transaction per request, committed before the response is sent."""
-    with transaction(request.app.state.sessionmaker) as session:
+    with transaction(state.session_factory) as session:
         yield session
 
 
@@ -36,13 +39,13 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 def get_principal(
-    request: Request,
+    state: StateDep,
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Principal:
     """Resolve the API key to the operator or a user; 401 if missing or unknown."""
     if credentials is None:
-        if request.app.state.settings.allow_anonymous_local:
+        if state.settings.allow_anonymous_local:
             return Principal(is_operator=True)
         raise Unauthorized(
             "Missing API key: send `Authorization: Bearer <key>`",
@@ -50,7 +53,7 @@ def get_principal(
             headers={"WWW-Authenticate": "Bearer"},
         )
     key = credentials.credentials
-    if keys_equal(key, request.app.state.operator_key):
+    if keys_equal(key, state.operator_key):
         return Principal(is_operator=True)
     user_id = user_service.user_for_key(session, key)
     if user_id is None:
@@ -73,16 +76,25 @@ OperatorDep = Annotated[Principal, Depends(require_operator)]
 
 
 def metrics_access(
-    request: Request,
+    state: StateDep,
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> None:
     """Only the operator key, when METRICS_REQUIRE_OPERATOR_KEY is on (else 401/403)."""
-    if request.app.state.settings.metrics_require_operator_key:
-        get_principal(request, session, credentials).require_operator()
+    if state.settings.metrics_require_operator_key:
+        get_principal(state, session, credentials).require_operator()
 
 
 MetricsAccessDep = Depends(metrics_access)
+
+
+def is_operator_request(request: Request) -> bool:
+    """Whether the request carries the operator key (or no key, where local use allows that)."""
+    scheme, key = get_authorization_scheme_param(request.headers.get("authorization"))
+    state = app_state(request.app)
+    if not key:
+        return bool(state.settings.allow_anonymous_local)
+    return scheme.lower() == "bearer" and keys_equal(key, state.operator_key)
 
 
 def authorized_user_id(
@@ -99,12 +111,22 @@ UserIdDep = Annotated[str, Depends(authorized_user_id)]
 
 
 def page_limit(
-    request: Request,
+    settings: SettingsDep,
     limit: Annotated[int | None, Query(ge=1, le=1000, description="Page size.")] = None,
 ) -> int:
     """The page size asked for, within the configured bounds."""
-    settings: Settings = request.app.state.settings
     return min(limit or settings.page_size_default, settings.page_size_max)
 
 
 LimitDep = Annotated[int, Depends(page_limit)]
+
+
+def rate_limit(group: str) -> Callable[[AppState, Principal], None]:
+    """A dependency limiting users on the `group` routes ("generate" or "train")."""
+
+    def check(state: StateDep, principal: PrincipalDep) -> None:
+        if principal.is_operator or principal.user_id is None:
+            return  # the operator key is the deployment's own trusted caller
+        enforce(state.rate_limiter, state.settings, group, principal.user_id)
+
+    return check

@@ -12,16 +12,12 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from fastapi import Request
-from fastapi.security.utils import get_authorization_scheme_param
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from app.core.security import keys_equal
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -155,15 +151,6 @@ class CacheCollector(Collector):
             lookups.add_metric([cache, "hit"], float(row.hits if row else 0))
             lookups.add_metric([cache, "miss"], float(row.misses if row else 0))
         yield lookups
-
-
-def is_operator_request(request: Request) -> bool:
-    """Whether the request carries the operator key (or no key, where local use allows that)."""
-    scheme, key = get_authorization_scheme_param(request.headers.get("authorization"))
-    state = request.app.state
-    if not key:
-        return bool(state.settings.allow_anonymous_local)
-    return scheme.lower() == "bearer" and keys_equal(key, state.operator_key)
 
 
 def _last_job_metrics(

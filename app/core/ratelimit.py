@@ -1,5 +1,7 @@
 """Per-user rate limits on the expensive routes (generate, train): token buckets.
 
+(The request dependency that applies them, `rate_limit`, is in app/api/deps.py.)
+
 Each user gets one bucket per route group; a bucket holds `limit` tokens and refills at
 `limit / period` per second, so a burst of `limit` requests passes and then one per refill.
 An empty bucket answers 429 `rate_limited` with `Retry-After` (whole seconds until a token).
@@ -32,12 +34,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from fastapi import Request
 
-from app.api.deps import PrincipalDep
 from app.core.config import Settings
 from app.core.errors import RateLimited
-from app.schemas.common import ErrorResponse
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +44,6 @@ MAX_BUCKETS = 100_000  # forget the idlest in-process buckets beyond this many (
 REDIS_TIMEOUT_S = 0.5  # connect/read timeout of one bucket update
 REDIS_RETRY_S = 5.0  # after a Redis failure, use this process's buckets for this long
 REDIS_KEY_PREFIX = "bapo:ratelimit"
-_CREATE_LOCK = threading.Lock()
-RATE_LIMITED_DOC: dict[int | str, dict[str, object]] = {
-    429: {"model": ErrorResponse, "description": "Rate limited; retry after `Retry-After` s"}
-}
 # KEYS[1] = bucket; ARGV = limit, refill rate (tokens/s). Returns the wait in seconds as a string
 # ("0" = allowed): Lua numbers would be truncated to integers on the way out.
 TOKEN_BUCKET_LUA = """
@@ -140,32 +135,23 @@ def limiter_redis_url(settings: Settings) -> str | None:
     return url if url.startswith(("redis://", "rediss://")) else None
 
 
-def _limiter(request: Request) -> RateLimiter:
-    state = request.app.state
-    with _CREATE_LOCK:
-        if not hasattr(state, "rate_limiter"):
-            state.rate_limiter = RateLimiter(limiter_redis_url(state.settings))
-        limiter: RateLimiter = state.rate_limiter
-        return limiter
+def group_limit(settings: Settings, group: str) -> tuple[int, float]:
+    """(requests, period in seconds) per user on the `group` routes; 0 requests = no limit."""
+    return {
+        "generate": (settings.rate_limit_generate_per_min, 60.0),
+        "train": (settings.rate_limit_train_per_hour, 3600.0),
+    }[group]
 
 
-def rate_limit(group: str) -> Callable[[Request, PrincipalDep], None]:
-    """A dependency limiting users on the `group` routes ("generate" or "train")."""
-
-    def check(request: Request, principal: PrincipalDep) -> None:
-        settings = request.app.state.settings
-        limit, period_s = {
-            "generate": (settings.rate_limit_generate_per_min, 60.0),
-            "train": (settings.rate_limit_train_per_hour, 3600.0),
-        }[group]
-        if limit <= 0 or principal.is_operator or principal.user_id is None:
-            return
-        wait = _limiter(request).take(group, limit, period_s, principal.user_id)
-        if wait > 0:
-            raise RateLimited(
-                f"Too many {group} requests: at most {limit} per {int(period_s)} s for this user; "
-                f"retry in {math.ceil(wait)} s",
-                headers={"Retry-After": str(math.ceil(wait))},
-            )
-
-    return check
+def enforce(limiter: RateLimiter, settings: Settings, group: str, user_id: str) -> None:
+    """Take one of the user's `group` tokens, or raise RateLimited with the wait."""
+    limit, period_s = group_limit(settings, group)
+    if limit <= 0:
+        return
+    wait = limiter.take(group, limit, period_s, user_id)
+    if wait > 0:
+        raise RateLimited(
+            f"Too many {group} requests: at most {limit} per {int(period_s)} s for this user; "
+            f"retry in {math.ceil(wait)} s",
+            headers={"Retry-After": str(math.ceil(wait))},
+        )

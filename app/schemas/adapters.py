@@ -5,12 +5,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
+from app.schemas.common import ResponseModel
 from app.schemas.jobs import GateOut
 
 
-class AdapterOut(BaseModel):
+class AdapterOut(ResponseModel):
     version: int
     name: str = Field(description="Immutable serving name, `user-<id>-v<N>`.")
     active: bool = Field(description='Served for `adapter: "active"` (the default).')
@@ -26,7 +27,7 @@ class AdapterOut(BaseModel):
     created_at: datetime
 
 
-class AdapterList(BaseModel):
+class AdapterList(ResponseModel):
     data: list[AdapterOut] = Field(description="Newest version first.")
     active_version: int | None = Field(description="None: the base model is served.")
     pinned: bool = Field(

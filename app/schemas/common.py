@@ -20,7 +20,13 @@ class Message(StrictModel):
     content: str = Field(description="The turn's text; not empty.")
 
 
-class Page(BaseModel, Generic[T]):
+class ResponseModel(BaseModel):
+    """A response shape read from the attributes of a row: `Schema.model_validate(row)`."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+
+class Page(ResponseModel, Generic[T]):
     """A cursor-paged list, newest first."""
 
     data: list[T]
@@ -51,4 +57,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
         422: "Invalid field (named in `param`)",
         503: "A dependency is unavailable",
     }.items()
+}
+RATE_LIMITED_DOC: dict[int | str, dict[str, object]] = {
+    429: {"model": ErrorResponse, "description": "Rate limited; retry after `Retry-After` s"}
 }

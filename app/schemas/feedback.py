@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Discriminator, Field, Tag, model_validator
+from pydantic import AliasChoices, BaseModel, Discriminator, Field, Tag, model_validator
 
-from app.schemas.common import Message, StrictModel
+from app.schemas.common import Message, ResponseModel, StrictModel
 
 
 class PairIn(StrictModel):
@@ -71,13 +71,14 @@ FeedbackIn = Annotated[
 ]
 
 
-class PairOut(BaseModel):
+class PairOut(ResponseModel):
     id: int
     user_id: str
     messages: list[Message]
     chosen: str
     rejected: str
-    metadata: dict[str, Any] | None
+    # the row's attribute is `meta` (`metadata` is taken on an ORM model)
+    metadata: dict[str, Any] | None = Field(validation_alias=AliasChoices("meta", "metadata"))
     created_at: datetime
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field, field_validator
 
-from app.schemas.common import StrictModel
+from app.schemas.common import ResponseModel, StrictModel
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -31,7 +31,7 @@ class TrainRequest(StrictModel):
     )
 
 
-class GateOut(BaseModel):
+class GateOut(ResponseModel):
     """The retention gate's verdict on an adapter and the figures it was judged on (the figures
     are None for adapters gated before they were recorded)."""
 
@@ -69,7 +69,7 @@ class GateOut(BaseModel):
     gate_prompts: int | None = Field(None, description="General prompts judged.")
 
 
-class JobOut(BaseModel):
+class JobOut(ResponseModel):
     """A training job (status values as OpenAI's fine-tuning jobs)."""
 
     object: Literal["training_job"] = "training_job"
@@ -95,8 +95,14 @@ class JobOut(BaseModel):
     finished_at: datetime | None
     duration_s: float | None = Field(None, description="finished_at (or now) minus started_at.")
 
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _none_when_empty(cls, value: Any) -> Any:
+        """A job without final metrics shows None, not {}."""
+        return value or None
 
-class JobEventOut(BaseModel):
+
+class JobEventOut(ResponseModel):
     """One event of a job: a training step's metrics, a phase change, a status change."""
 
     id: int
@@ -107,7 +113,7 @@ class JobEventOut(BaseModel):
     created_at: datetime
 
 
-class JobPage(BaseModel):
+class JobPage(ResponseModel):
     """Jobs, newest first."""
 
     data: list[JobOut]
@@ -115,7 +121,7 @@ class JobPage(BaseModel):
     next_cursor: str | None = Field(None, description="Pass as `cursor` to get the next page.")
 
 
-class JobEventPage(BaseModel):
+class JobEventPage(ResponseModel):
     """Events, oldest first; poll with `after` = the last id you saw (`next_cursor`)."""
 
     data: list[JobEventOut]

@@ -6,7 +6,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
-from app.schemas.common import StrictModel
+from app.schemas.common import ResponseModel, StrictModel
 
 
 class UserCreate(StrictModel):
@@ -23,7 +23,7 @@ class UserCreated(BaseModel):
     created_at: datetime
 
 
-class UserOut(BaseModel):
+class UserOut(ResponseModel):
     id: str
     created_at: datetime
     pair_count: int

@@ -139,10 +139,37 @@ def list_adapters(session: Session, user_id: str) -> list[Adapter]:
     return list(session.scalars(query))
 
 
-def gate_figures(adapter: Adapter) -> dict[str, Any] | None:
-    """The gate's verdict and figures recorded in the adapter's metrics (None if none were)."""
-    gate = (adapter.metrics or {}).get("gate")
-    return gate if isinstance(gate, dict) and "passed" in gate else None
+@dataclass(frozen=True)
+class ListedAdapter:
+    """An adapter row as a listing shows it: plus whether it is active and its files present."""
+
+    adapter: Adapter
+    active: bool
+    available: bool
+
+    def __getattr__(self, name: str) -> Any:
+        """Every other attribute is the row's."""
+        if name.startswith("__") or name == "adapter":  # copy/pickle probes; no recursion
+            raise AttributeError(name)
+        return getattr(self.adapter, name)
+
+
+@dataclass(frozen=True)
+class AdapterListing:
+    """A user's versions (newest first), the active one and whether the user pinned it."""
+
+    data: list[ListedAdapter]
+    active_version: int | None
+    pinned: bool
+
+
+def listing(session: Session, user_id: str, adapter_root: Path) -> AdapterListing:
+    """The user's versions, each marked active or not and available (files present) or not."""
+    rows = list_adapters(session, user_id)
+    user = user_service.get_user(session, user_id)
+    active = user.active_adapter_version
+    data = [ListedAdapter(a, a.version == active, is_available(a, adapter_root)) for a in rows]
+    return AdapterListing(data, active, user.active_adapter_pinned)
 
 
 def get_adapter(session: Session, user_id: str, version: int) -> Adapter:

@@ -3,27 +3,25 @@
 `GenerateHandler` is the one object both surfaces (`/users/{id}/generate` and the OpenAI-compatible
 `/v1/chat/completions`) call. It also retires adapters the backend no longer needs: the previous
 active version once a user's active version changes, and all of a deleted user's adapters.
+A streamed answer comes out as `StreamEvent`s; the API layer frames them as server-sent events.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI
-from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.core.db import after_commit
-from app.core.errors import AppError, InvalidRequest, NotFound, ServiceUnavailable, error_body
+from app.core.errors import AppError, InvalidRequest, NotFound, ServiceUnavailable
 from app.core.metrics import Metrics
 from app.core.security import Principal, validate_user_id
 from app.inference import InferenceBackend, build_backend, model_folder
@@ -43,7 +41,6 @@ from app.services import adapters as adapter_service
 
 log = logging.getLogger(__name__)
 MODEL_PREFIX = "user:"
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @dataclass(frozen=True)
@@ -52,6 +49,33 @@ class GenerateCall:
 
     served: adapter_service.ServedAdapter
     request: GenerationRequest
+
+
+@dataclass(frozen=True)
+class TextChunk:
+    """The next piece of a streamed answer's text."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    """A streamed answer finished: why, and its token counts."""
+
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class StreamFailed:
+    """The backend failed after the first token (the response has started: report it in-band)."""
+
+    error: AppError
+
+
+StreamEvent = TextChunk | StreamEnd | StreamFailed
+StreamEvents = AsyncGenerator[StreamEvent, None]
 
 
 class GenerateHandler:
@@ -149,25 +173,38 @@ class GenerateHandler:
                 speed = completion_tokens / elapsed
                 self.metrics.generate_tokens_per_second.labels(self.backend_name).observe(speed)
 
-    async def event_stream(
-        self, call: GenerateCall, *, include_usage: bool, extra: dict[str, Any] | None = None
-    ) -> StreamingResponse:
-        """SSE of chat.completion.chunk events; errors before the first token stay HTTP errors."""
+    async def open_stream(self, call: GenerateCall) -> StreamEvents:
+        """The answer as events, once the first token is there; errors before it are raised."""
         started = time.perf_counter()
         deltas = aiter(self.backend.stream(call.request, call.served.adapter))
         first = await anext(deltas)  # a 503/4xx here is still an ordinary error response
         if self.metrics is not None:
             ttft = time.perf_counter() - started
             self.metrics.time_to_first_token.labels(self.backend_name).observe(ttft)
-        chunks = ChunkWriter(call.served.model_id, extra or {})
-        events = _sse_events(
-            first,
-            deltas,
-            chunks,
-            include_usage,
-            on_done=lambda tokens: self._observe_speed(started, tokens),
+        return self._events(first, deltas, started)
+
+    async def _events(
+        self, first: StreamDelta, rest: AsyncIterator[StreamDelta], started: float
+    ) -> StreamEvents:
+        """Text chunks, then the end (or the failure); the backend's stream is closed either way."""
+        last = first
+        try:
+            if first.text:
+                yield TextChunk(first.text)
+            async for delta in rest:
+                last = delta
+                if delta.text:
+                    yield TextChunk(delta.text)
+        except AppError as exc:
+            log.warning("stream failed: %s", exc.message)
+            yield StreamFailed(exc)
+            return
+        finally:
+            await _close(rest)
+        self._observe_speed(started, last.completion_tokens)
+        yield StreamEnd(
+            last.finish_reason or "stop", last.prompt_tokens or 0, last.completion_tokens or 0
         )
-        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
 
     # --- retiring adapters ---------------------------------------------------------------------
 
@@ -257,7 +294,7 @@ def generate_out(call: GenerateCall, result: GenerationResult) -> GenerateOut:
 def chat_completion(call: GenerateCall, result: GenerationResult) -> ChatCompletion:
     """The OpenAI chat.completion answer."""
     return ChatCompletion(
-        id=_completion_id(),
+        id=completion_id(),
         created=int(time.time()),
         model=call.served.model_id,
         choices=[
@@ -267,68 +304,9 @@ def chat_completion(call: GenerateCall, result: GenerationResult) -> ChatComplet
     )
 
 
-def _completion_id() -> str:
+def completion_id() -> str:
     """A fresh OpenAI-style completion id."""
     return "chatcmpl-" + secrets.token_hex(12)
-
-
-class ChunkWriter:
-    """Formats chat.completion.chunk events sharing one id, timestamp and model."""
-
-    def __init__(self, model_id: str, extra: dict[str, Any]) -> None:
-        self.head = {
-            "id": _completion_id(),
-            "object": "chat.completion.chunk",
-            "created": int(time.time()),
-            "model": model_id,
-            **extra,
-        }
-
-    def delta(self, delta: dict[str, str], finish_reason: str | None = None) -> str:
-        """One event with one choice."""
-        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
-        return _event({**self.head, "choices": [choice]})
-
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> str:
-        """The final usage event (choices empty), as with stream_options.include_usage."""
-        usage = usage_of(prompt_tokens, completion_tokens).model_dump()
-        return _event({**self.head, "choices": [], "usage": usage})
-
-
-def _event(data: dict[str, Any]) -> str:
-    """One server-sent event."""
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-async def _sse_events(
-    first: StreamDelta,
-    rest: AsyncIterator[StreamDelta],
-    chunks: ChunkWriter,
-    include_usage: bool,
-    on_done: Callable[[int | None], None] | None = None,
-) -> AsyncIterator[str]:
-    """Role chunk, content chunks, finish chunk, optional usage chunk, then `[DONE]`."""
-    yield chunks.delta({"role": "assistant", "content": ""})
-    try:
-        last = first
-        if first.text:
-            yield chunks.delta({"content": first.text})
-        async for delta in rest:
-            last = delta
-            if delta.text:
-                yield chunks.delta({"content": delta.text})
-    except AppError as exc:  # the status line is sent already: report in-band, as OpenAI does
-        log.warning("stream failed: %s", exc.message)
-        yield _event(error_body(exc.type, exc.message, exc.code))
-        return
-    finally:
-        await _close(rest)
-    yield chunks.delta({}, last.finish_reason or "stop")
-    if on_done is not None:
-        on_done(last.completion_tokens)
-    if include_usage:
-        yield chunks.usage(last.prompt_tokens or 0, last.completion_tokens or 0)
-    yield "data: [DONE]\n\n"
 
 
 async def _close(deltas: AsyncIterator[StreamDelta]) -> None:
@@ -392,12 +370,11 @@ def _card(model_id: str, created: Any, owner: str) -> ModelCard:
 # --- wiring -------------------------------------------------------------------------------------
 
 
-def install_inference(app: FastAPI, settings: Settings) -> GenerateHandler:
-    """Build the backend and handler; register the ready check and the user/shutdown hooks."""
+def build_handler(settings: Settings, metrics: Metrics) -> GenerateHandler:
+    """The backend the settings choose, behind a handler that reports to `metrics`."""
     backend = build_backend(settings)
     counter = PromptTokenCounter(lambda: model_folder(settings))
     handler = GenerateHandler(backend, settings, counter)
-    metrics: Metrics = app.state.metrics
     handler.metrics = metrics
     kind = settings.inference_backend
 
@@ -406,9 +383,4 @@ def install_inference(app: FastAPI, settings: Settings) -> GenerateHandler:
         metrics.adapter_load_seconds.labels(kind).observe(seconds)
 
     backend.on_adapter_load = observe_load
-    app.state.inference = backend
-    app.state.generate_handler = handler
-    app.state.ready_checks["inference"] = backend.ready
-    app.state.user_deleted_hooks.append(handler.user_deleted)
-    app.state.shutdown_hooks.append(backend.aclose)
     return handler

@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import FastAPI
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -36,9 +35,8 @@ def database_check(engine: Engine) -> Check:
     return check
 
 
-async def run_checks(app: FastAPI) -> dict[str, dict[str, Any]]:
-    """Run every registered check concurrently, each bounded by a timeout."""
-    checks: dict[str, Check] = app.state.ready_checks
+async def run_checks(checks: dict[str, Check]) -> dict[str, dict[str, Any]]:
+    """Run every check concurrently, each bounded by a timeout."""
     results = await asyncio.gather(*(_bounded(c) for c in checks.values()))
     return {
         name: {"ok": ok, "detail": detail}

@@ -25,6 +25,7 @@ from app.models import (
     TrainingJob,
     User,
 )
+from app.services.pagination import RowPage, paginate
 
 
 @dataclass(frozen=True)
@@ -69,12 +70,13 @@ def summarize(session: Session, user: User) -> UserSummary:
     return UserSummary(user.id, user.created_at, int(count or 0), user.active_adapter_version)
 
 
-def list_users(session: Session, limit: int, after: str | None) -> list[User]:
-    """Users ordered by id, `limit` of them after the id `after`."""
-    query = select(User).order_by(User.id).limit(limit)
+def list_users(session: Session, limit: int, after: str | None) -> RowPage[UserSummary]:
+    """A page of users ordered by id, after the id `after`, each with their pair count."""
+    query = select(User).order_by(User.id)
     if after is not None:
         query = query.where(User.id > after)
-    return list(session.scalars(query))
+    page: RowPage[User] = paginate(session, query, limit, cursor_of=lambda user: user.id)
+    return page.map(lambda user: summarize(session, user))
 
 
 def delete_user(session: Session, user_id: str, adapter_root: Path) -> None:

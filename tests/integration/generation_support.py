@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 
+from app.api.state import app_state
 from app.core.db import transaction
 from app.services import adapters as adapter_service
 from tests.support import Api, LiveServer
@@ -52,7 +53,7 @@ def build_adapters(out_dir: Path, seeds: list[int], scale: float = 1.0) -> dict[
 
 def publish(server: LiveServer, user_id: str, folder: Path, *, gate_passed: bool = True) -> int:
     """What the training worker does: copy into ADAPTER_DIR/<user>/v<N>, then register_adapter."""
-    with transaction(server.app.state.sessionmaker) as session:
+    with transaction(app_state(server.app).session_factory) as session:
         version = adapter_service.next_version(session, user_id)
         target = adapter_service.adapter_folder(server.settings.adapters_path, user_id, version)
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
+from app.api.state import app_state
 from app.core.config import Settings
 from app.core.db import transaction
 from app.models import Adapter
@@ -80,7 +81,7 @@ def test_a_moved_store_still_lists_and_serves_its_adapters(database: str, tmp_pa
         ):
             user_id, headers = api.create_user("mover")
             assert publish(server, user_id, folder) == 1
-            with transaction(server.app.state.sessionmaker) as session:
+            with transaction(app_state(server.app).session_factory) as session:
                 stored = session.scalars(select(Adapter.path)).one()
             assert stored == "mover/v1", "stored relative to the adapter store root"
             before = generated(api, user_id, headers)
@@ -104,7 +105,7 @@ def test_rows_with_absolute_paths_from_older_releases_follow_the_store(
     old_root, new_root = tmp_path / "node-a" / "adapters", tmp_path / "node-b" / "store"
     with node(make_settings(tmp_path / "a", database, adapter_dir=old_root)) as (server, api):
         user_id, headers = api.create_user("legacy")
-        with transaction(server.app.state.sessionmaker) as session:
+        with transaction(app_state(server.app).session_factory) as session:
             folder = adapter_service.adapter_folder(old_root, user_id, 1)
             folder.mkdir(parents=True)
             (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from app.api.state import app_state
 from app.core.db import transaction
 from app.core.errors import InvalidRequest, NotFound
 from app.services import adapters as adapter_service
@@ -26,7 +27,7 @@ def unique(prefix: str) -> str:
 
 def publish(server: LiveServer, user_id: str, *, gate_passed: bool = True) -> Path:
     """Write a (config-only) adapter folder where the worker would, and register it."""
-    with transaction(server.app.state.sessionmaker) as session:
+    with transaction(app_state(server.app).session_factory) as session:
         version = adapter_service.next_version(session, user_id)
         folder = adapter_service.adapter_folder(server.settings.adapters_path, user_id, version)
         folder.mkdir(parents=True)
@@ -118,7 +119,7 @@ def test_register_refuses_incomplete_folders_and_unknown_users(
     live_server: LiveServer, api: Api, tmp_path: Path
 ) -> None:
     user_id, _ = api.create_user(unique("fay"))
-    with transaction(live_server.app.state.sessionmaker) as session:
+    with transaction(app_state(live_server.app).session_factory) as session:
         with pytest.raises(InvalidRequest, match=r"adapter_config\.json"):
             adapter_service.register_adapter(
                 session,

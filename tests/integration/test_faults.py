@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.api.state import app_state
 from app.core.db import transaction, upgrade_to_head
 from app.models import utcnow
 from app.services.schedule import reap_stale_jobs
@@ -147,7 +148,7 @@ def _check_redis_outage(api: Api, server: LiveServer, redis_server: PrivateRedis
         assert time.monotonic() < deadline, "readyz did not recover"
         time.sleep(0.2)
     later = utcnow() + timedelta(seconds=server.settings.job_resend_after_s + 1)
-    with transaction(server.app.state.sessionmaker) as session:
+    with transaction(app_state(server.app).session_factory) as session:
         report = reap_stale_jobs(session, server.settings, now=later)
     assert report.resent == [job_id]
     import redis

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.api.state import app_state
 from tests.integration.generation_support import (
     MAX_TOKENS,
     MESSAGES,
@@ -317,5 +318,5 @@ def test_readyz_reports_the_inference_backend(api: Api) -> None:
 
 def loaded_adapters(server: LiveServer) -> set[str]:
     """What the server's in-process backend holds (white-box look at the real backend)."""
-    engine = server.app.state.inference._engine
+    engine = app_state(server.app).inference._engine
     return set(engine.adapters) if engine is not None else set()

@@ -14,6 +14,7 @@ import httpx
 import pytest
 from sqlalchemy import text
 
+from app.api.state import app_state
 from tests.support import Api, LiveServer, assert_error, make_settings
 from tests.worker_support import REPO_ROOT, model_dir, post_pairs
 
@@ -113,7 +114,7 @@ def test_cancel_a_finished_job_conflicts(api: Api, live_server: LiveServer) -> N
     user_id, headers = api.create_user()
     post_pairs(api.http, user_id, headers)
     job_id = _train(api, user_id, headers).json()["id"]
-    with live_server.app.state.engine.begin() as conn:
+    with app_state(live_server.app).engine.begin() as conn:
         conn.execute(
             text("UPDATE training_jobs SET status = 'succeeded' WHERE id = :id"), {"id": job_id}
         )

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
+from app.api.state import app_state
 from app.core.db import transaction
 from app.models import BaseResponse, PreferencePair, TrainingJob
 from app.queue import TRAIN_TASK, producer
@@ -156,7 +157,7 @@ def test_the_gate_figures_are_listed_and_the_base_is_measured_once(stack: Stack,
     assert (misses, hits) == (0, 4)  # the gate's 2 MC questions + 2 prompts
     again = second["metrics"]["retention"]
     assert again["base"] == retention["base"]  # the same cached outcomes
-    with transaction(stack.server.app.state.sessionmaker) as session:
+    with transaction(app_state(stack.server.app).session_factory) as session:
         keys = session.scalars(
             select(BaseResponse.cache_key).where(BaseResponse.cache_key.like("gate-%"))
         ).all()
@@ -325,7 +326,8 @@ def test_bad_data_fails_the_job_with_its_message_and_is_not_retried(stack: Stack
     user_id, headers = stack.api.create_user("bad-data")
     post_pairs(http, user_id, headers)
     job_id = job_service.new_job_id()
-    with transaction(stack.server.app.state.sessionmaker) as session:  # a row the API refuses
+    # a row the API refuses
+    with transaction(app_state(stack.server.app).session_factory) as session:
         last = session.scalar(
             select(func.max(PreferencePair.id)).where(PreferencePair.user_id == user_id)
         )

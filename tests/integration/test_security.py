@@ -11,6 +11,7 @@ import httpx
 import pytest
 from sqlalchemy import text
 
+from app.api.state import app_state
 from app.core.ratelimit import TokenBuckets
 from tests.support import Api, LiveServer, assert_error, make_settings
 
@@ -92,7 +93,7 @@ def test_operator_only_routes_refuse_user_keys(api: Api, live_server: LiveServer
 def test_keys_are_stored_hashed_and_looked_up_by_hash(api: Api, live_server: LiveServer) -> None:
     user_id, auth = api.create_user("hashed")
     key = auth["Authorization"].removeprefix("Bearer ")
-    with live_server.app.state.engine.connect() as conn:
+    with app_state(live_server.app).engine.connect() as conn:
         rows = conn.execute(text("SELECT key_hash, prefix FROM api_keys")).all()
         dump = " ".join(str(v) for row in conn.execute(text("SELECT * FROM api_keys")) for v in row)
     assert key not in dump

@@ -10,6 +10,7 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, inspect
 
+from app.api.state import app_state
 from app.core.db import upgrade_to_head
 from app.main import NotMigratedError, create_app, prepare_database
 from tests.support import LiveServer, make_settings, postgres_database
@@ -22,7 +23,7 @@ def test_unmigrated_postgres_is_refused_with_a_clear_message(tmp_path: Path) -> 
         app = create_app(settings)
         with pytest.raises(NotMigratedError, match="alembic upgrade head"):
             prepare_database(settings, app)
-        app.state.engine.dispose()
+        app_state(app).engine.dispose()
 
 
 def test_server_process_exits_on_unmigrated_postgres(tmp_path: Path) -> None:
@@ -75,7 +76,7 @@ def test_embedded_defaults_use_sqlite_and_migrate_themselves(tmp_path: Path) -> 
 
 def test_operator_key_is_generated_once_and_kept(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, operator_key=None)
-    first = create_app(settings).state.operator_key
-    second = create_app(settings).state.operator_key
+    first = app_state(create_app(settings)).operator_key
+    second = app_state(create_app(settings)).operator_key
     assert first == second and len(first) > 30
     assert (tmp_path / "operator_key").stat().st_mode & 0o777 == 0o600

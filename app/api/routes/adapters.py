@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path as FsPath
 from typing import Annotated
 
 from fastapi import APIRouter, Path
 
 from app.api.deps import SessionDep, SettingsDep, UserIdDep
 from app.api.routes.generate import HandlerDep
-from app.models import Adapter
-from app.schemas.adapters import AdapterList, AdapterOut
+from app.core.config import Settings
+from app.schemas.adapters import AdapterList
 from app.schemas.common import ERROR_RESPONSES
 from app.services import adapters as adapter_service
-from app.services import users as user_service
 
 router = APIRouter(prefix="/users/{user_id}/adapters", tags=["adapters"], responses=ERROR_RESPONSES)
 
@@ -47,30 +45,7 @@ def unpin_adapter(user_id: UserIdDep, session: SessionDep, settings: SettingsDep
     return _listing(session, settings, user_id)
 
 
-def _listing(session: SessionDep, settings: SettingsDep, user_id: str) -> AdapterList:
+def _listing(session: SessionDep, settings: Settings, user_id: str) -> AdapterList:
     """The versions, the active one and whether it is pinned."""
-    rows = adapter_service.list_adapters(session, user_id)
-    user = user_service.get_user(session, user_id)
-    active, root = user.active_adapter_version, settings.adapters_path
-    return AdapterList(
-        data=[_out(a, active, root) for a in rows],
-        active_version=active,
-        pinned=user.active_adapter_pinned,
-    )
-
-
-def _out(adapter: Adapter, active: int | None, adapter_root: FsPath) -> AdapterOut:
-    """One version as the API shows it."""
-    return AdapterOut(
-        version=adapter.version,
-        name=adapter.name,
-        active=adapter.version == active,
-        available=adapter_service.is_available(adapter, adapter_root),
-        method=adapter.method,
-        job_id=adapter.job_id,
-        metrics=adapter.metrics,
-        gate_passed=adapter.gate_passed,
-        gate_reason=adapter.gate_reason,
-        gate=adapter_service.gate_figures(adapter),
-        created_at=adapter.created_at,
-    )
+    listing = adapter_service.listing(session, user_id, settings.adapters_path)
+    return AdapterList.model_validate(listing)

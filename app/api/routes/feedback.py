@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Body, Header, Path, Query, Response
 from fastapi.responses import JSONResponse
 
 from app.api.deps import LimitDep, SessionDep, SettingsDep, UserIdDep
+from app.api.state import StateDep
 from app.schemas.common import ERROR_RESPONSES, Page
 from app.schemas.feedback import FeedbackCreated, FeedbackIn, PairOut
 from app.services import feedback as feedback_service
 from app.services import users as user_service
+from app.services.pagination import RowPage
 
 router = APIRouter(prefix="/users/{user_id}/feedback", tags=["feedback"], responses=ERROR_RESPONSES)
 
@@ -49,7 +51,7 @@ FEEDBACK_EXAMPLES: dict[str, Any] = {
 
 @router.post("", status_code=201, response_model=FeedbackCreated, summary="Store preference pairs")
 def post_feedback(
-    request: Request,
+    state: StateDep,
     user_id: UserIdDep,
     session: SessionDep,
     settings: SettingsDep,
@@ -62,7 +64,7 @@ def post_feedback(
     result = feedback_service.store_pairs(session, user_id, pairs, idempotency_key)
     headers = {"Idempotent-Replayed": "true"} if result.replayed else {}
     if not result.replayed:
-        request.app.state.metrics.pairs_stored.inc(len(pairs))
+        state.metrics.pairs_stored.inc(len(pairs))
     return JSONResponse(result.body, status_code=result.status_code, headers=headers)
 
 
@@ -76,8 +78,7 @@ def list_feedback(
     """Cursor-paged pairs, newest first."""
     user_service.get_user(session, user_id)
     rows, next_cursor = feedback_service.list_pairs(session, user_id, limit, cursor)
-    data = [PairOut.model_validate(feedback_service.pair_dict(r)) for r in rows]
-    return Page(data=data, has_more=next_cursor is not None, next_cursor=next_cursor)
+    return Page[PairOut].model_validate(RowPage.of(rows, next_cursor))
 
 
 @router.delete("/{pair_id}", status_code=204, summary="Delete a pair")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import SessionDep, UserIdDep
-from app.core.ratelimit import RATE_LIMITED_DOC, rate_limit
-from app.schemas.common import ERROR_RESPONSES
+from app.api.deps import SessionDep, UserIdDep, rate_limit
+from app.api.sse import sse_response
+from app.api.state import StateDep
+from app.schemas.common import ERROR_RESPONSES, RATE_LIMITED_DOC
 from app.schemas.generate import GenerateIn, GenerateOut
 from app.services.generate import GenerateHandler, generate_out
 
@@ -23,10 +24,9 @@ STREAM_DOC: dict[int | str, dict[str, Any]] = {
 }
 
 
-def get_handler(request: Request) -> GenerateHandler:
+def get_handler(state: StateDep) -> GenerateHandler:
     """The app's generate handler."""
-    handler: GenerateHandler = request.app.state.generate_handler
-    return handler
+    return state.generate
 
 
 HandlerDep = Annotated[GenerateHandler, Depends(get_handler)]
@@ -48,6 +48,7 @@ async def generate(
     )
     session.close()  # nothing was written: don't hold a connection through the generation
     if body.stream:
+        events = await handler.open_stream(call)
         extra = {"adapter_version": call.served.version}
-        return await handler.event_stream(call, include_usage=True, extra=extra)
+        return sse_response(call.served.model_id, events, include_usage=True, extra=extra)
     return generate_out(call, await handler.complete(call))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from app.api.state import StateDep
 from app.services import health
 
 router = APIRouter(tags=["health"])
@@ -21,9 +22,9 @@ def healthz() -> dict[str, str]:
 @router.get(
     "/readyz", summary="Dependencies are reachable", responses={503: {"description": "Not ready"}}
 )
-async def readyz(request: Request) -> Any:
-    """200 when every dependency answers (database, and what later parts register), else 503."""
-    checks = await health.run_checks(request.app)
+async def readyz(state: StateDep) -> Any:
+    """200 when every dependency answers (database, broker, inference), else 503."""
+    checks = await health.run_checks(state.ready_checks)
     ready = all(c["ok"] for c in checks.values())
     body = {"status": "ok" if ready else "unavailable", "checks": checks}
     return JSONResponse(body, status_code=200 if ready else 503)

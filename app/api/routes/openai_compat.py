@@ -11,10 +11,10 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import PrincipalDep, SessionDep
+from app.api.deps import PrincipalDep, SessionDep, rate_limit
 from app.api.routes.generate import STREAM_DOC, HandlerDep
-from app.core.ratelimit import RATE_LIMITED_DOC, rate_limit
-from app.schemas.common import ERROR_RESPONSES
+from app.api.sse import sse_response
+from app.schemas.common import ERROR_RESPONSES, RATE_LIMITED_DOC
 from app.schemas.generate import ChatCompletion, ChatCompletionIn, ModelList
 from app.services.generate import chat_completion, list_models, parse_model_id
 
@@ -40,7 +40,8 @@ async def chat_completions(
     session.close()  # nothing was written: don't hold a connection through the generation
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await handler.event_stream(call, include_usage=usage)
+        events = await handler.open_stream(call)
+        return sse_response(call.served.model_id, events, include_usage=usage)
     return chat_completion(call, await handler.complete(call))
 
 

@@ -7,13 +7,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, Path, Query
 from fastapi.responses import JSONResponse
 
-from app.api.deps import LimitDep, SessionDep, SettingsDep, UserIdDep
+from app.api.deps import LimitDep, SessionDep, SettingsDep, UserIdDep, rate_limit
 from app.core.middleware import request_id_var
-from app.core.ratelimit import RATE_LIMITED_DOC, rate_limit
-from app.schemas.common import ERROR_RESPONSES
-from app.schemas.jobs import JobEventOut, JobEventPage, JobOut, JobPage, TrainRequest
+from app.schemas.common import ERROR_RESPONSES, RATE_LIMITED_DOC
+from app.schemas.jobs import JobEventPage, JobOut, JobPage, TrainRequest
 from app.services import jobs as job_service
 from app.services import users as user_service
+from app.services.pagination import RowPage
 
 router = APIRouter(prefix="/users/{user_id}/train", tags=["training"], responses=ERROR_RESPONSES)
 
@@ -28,10 +28,6 @@ TRAIN_EXAMPLES: dict[str, Any] = {
         },
     },
 }
-
-
-def _job_out(job: Any) -> JobOut:
-    return JobOut.model_validate(job_service.job_view(job))
 
 
 @router.post(
@@ -62,7 +58,7 @@ def start_training(
         trigger="api",
         request_id=request_id_var.get(),
     )
-    content = _job_out(job).model_dump(mode="json")
+    content = JobOut.model_validate(job).model_dump(mode="json")
     headers = {"Location": f"/users/{user_id}/train/jobs/{job.id}"}
     return JSONResponse(content, status_code=202 if created else 200, headers=headers)
 
@@ -77,15 +73,13 @@ def list_jobs(
     """Cursor-paged jobs of the user, newest first."""
     user_service.get_user(session, user_id)
     rows, next_cursor = job_service.list_jobs(session, user_id, limit, cursor)
-    return JobPage(
-        data=[_job_out(r) for r in rows], has_more=next_cursor is not None, next_cursor=next_cursor
-    )
+    return JobPage.model_validate(RowPage.of(rows, next_cursor))
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, summary="Get a training job")
 def get_job(user_id: UserIdDep, job_id: JobIdPath, session: SessionDep) -> JobOut:
     """Status, phase, progress, pair count, hyperparameters, timings, metrics, adapter, error."""
-    return _job_out(job_service.get_job(session, user_id, job_id))
+    return JobOut.model_validate(job_service.get_job(session, user_id, job_id))
 
 
 @router.get("/jobs/{job_id}/events", response_model=JobEventPage, summary="A job's events")
@@ -102,12 +96,11 @@ def list_events(
 ) -> JobEventPage:
     """Per-step metrics and lifecycle events, oldest first; poll with `after=next_cursor`."""
     rows, has_more = job_service.list_events(session, user_id, job_id, limit, after, kind)
-    data = [JobEventOut.model_validate(r, from_attributes=True) for r in rows]
     cursor = str(rows[-1].id) if rows else (str(after) if after is not None else None)
-    return JobEventPage(data=data, has_more=has_more, next_cursor=cursor)
+    return JobEventPage.model_validate(RowPage(rows, has_more, cursor))
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut, summary="Cancel a training job")
 def cancel_job(user_id: UserIdDep, job_id: JobIdPath, session: SessionDep) -> JobOut:
     """Queued: cancelled now. Running: stops between steps, then `cancelled`. Finished: 409."""
-    return _job_out(job_service.cancel_job(session, user_id, job_id))
+    return JobOut.model_validate(job_service.cancel_job(session, user_id, job_id))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Query, Request, Response
+from fastapi import APIRouter, Body, Query, Response
 
 from app.api.deps import LimitDep, OperatorDep, SessionDep, UserIdDep
+from app.api.state import StateDep
 from app.schemas.common import ERROR_RESPONSES, Page
 from app.schemas.users import UserCreate, UserCreated, UserOut
 from app.services import users as user_service
@@ -31,23 +32,20 @@ def list_users(
     cursor: Annotated[str | None, Query(max_length=64)] = None,
 ) -> Page[UserOut]:
     """Users ordered by id; `cursor` is the last id of the previous page."""
-    users = user_service.list_users(session, limit + 1, cursor)
-    data = [UserOut(**user_service.summarize(session, u).__dict__) for u in users[:limit]]
-    has_more = len(users) > limit
-    return Page(data=data, has_more=has_more, next_cursor=data[-1].id if has_more else None)
+    return Page[UserOut].model_validate(user_service.list_users(session, limit, cursor))
 
 
 @router.get("/{user_id}", response_model=UserOut, summary="Get a user")
 def get_user(user_id: UserIdDep, session: SessionDep) -> UserOut:
     """The user, their pair count and active adapter version."""
     user = user_service.get_user(session, user_id)
-    return UserOut(**user_service.summarize(session, user).__dict__)
+    return UserOut.model_validate(user_service.summarize(session, user))
 
 
 @router.delete("/{user_id}", status_code=204, summary="Delete a user and everything of theirs")
-def delete_user(user_id: UserIdDep, session: SessionDep, request: Request) -> Response:
+def delete_user(user_id: UserIdDep, session: SessionDep, state: StateDep) -> Response:
     """Erase the user's keys, pairs, jobs and adapters (files included)."""
-    user_service.delete_user(session, user_id, request.app.state.settings.adapters_path)
-    for hook in request.app.state.user_deleted_hooks:
+    user_service.delete_user(session, user_id, state.settings.adapters_path)
+    for hook in state.user_deleted_hooks:
         hook(session, user_id)
     return Response(status_code=204)
