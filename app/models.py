@@ -86,6 +86,10 @@ class PreferencePair(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     messages: Mapped[list[Any]] = mapped_column(JSON)
+    # foundation.pairs.prompt_hash(messages), written with the row (indexed, for finding a prompt's
+    # pairs in SQL). The worker does not read it back: the engine keys caches shared by all users
+    # (base answers, reference log-probs) by this hash, so it computes it from the text it trains
+    # on rather than trust a stored copy (a row written by hand or by an older writer).
     prompt_hash: Mapped[str] = mapped_column(String(64), index=True)
     chosen: Mapped[str] = mapped_column(Text)
     rejected: Mapped[str] = mapped_column(Text)

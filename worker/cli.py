@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from app.core.errors import AppError
+from foundation.model import DEFAULT_SERVED_MODEL_NAME, ModelNotFoundError, prepare_base_model
+from foundation.pairs import PairError
+from foundation.train_config import ANCHOR_FORMS, METHODS, ConfigError, TrainConfig
 from worker.ops_cli import add_operator_commands
 from worker.training.artifacts import AdapterExistsError, check_out_dir
 from worker.training.cache import CacheFileError, JsonFileCache
-from worker.training.config import ANCHOR_FORMS, METHODS, ConfigError, TrainConfig
-from worker.training.data import PairError, load_pairs_jsonl
-from worker.training.model import ModelNotFoundError
+from worker.training.data import load_pairs_jsonl
 
 EXIT_BAD_INPUT = 2
 INPUT_ERRORS = (PairError, ConfigError, AdapterExistsError, CacheFileError, ModelNotFoundError)
@@ -86,8 +87,6 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def _model_path(args: argparse.Namespace) -> Path:
     """The prepared base model folder for --model/--data-dir."""
-    from worker.training.model import prepare_base_model
-
     return prepare_base_model(args.data_dir or default_data_dir(), args.model)
 
 
@@ -116,7 +115,6 @@ _TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--max-prompt-tokens", "max_prompt_tokens", int, "prompt tokens kept (oldest cut)"),
     ("--max-response-tokens", "max_response_tokens", int, "response tokens kept (end cut)"),
     ("--base-max-new-tokens", "base_max_new_tokens", int, "length of generated base answers"),
-    ("--served-model-name", "served_model_name", str, "base_model_name_or_path in the adapter"),
 ]
 _CHOICES = {"method": METHODS, "anchor_form": ANCHOR_FORMS}
 
@@ -137,18 +135,23 @@ def _add_train(subparsers: Any) -> None:
     length.add_argument("--max-steps", type=int, help="optimizer steps (instead of --epochs)")
     p.add_argument("--config", type=Path, help="JSON object of TrainConfig fields (flags win)")
     p.add_argument("--cache", type=Path, help="JSON file caching base responses and ref log-probs")
+    p.add_argument(
+        "--served-model-name",
+        default=DEFAULT_SERVED_MODEL_NAME,
+        help=f"base_model_name_or_path in the adapter (default: {DEFAULT_SERVED_MODEL_NAME})",
+    )
     _add_model_options(p)
     p.set_defaults(handler=_run_train)
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
-    """TrainConfig from --config (if any) overridden by explicit flags, validated."""
+    """TrainConfig from --config (if any) overridden by explicit flags, parsed like a job's."""
     values: dict[str, Any] = _read_json_object(args.config) if args.config else {}
     names = [name for _, name, _, _ in _TRAIN_OPTIONS] + ["epochs", "max_steps"]
     for name in names:
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
-    return TrainConfig.from_dict(values)
+    return TrainConfig.parse(values)
 
 
 def _read_json_object(path: Path) -> dict[str, Any]:
@@ -174,6 +177,7 @@ def _run_train(args: argparse.Namespace) -> int:
     result = train(
         _model_path(args), pairs, config, out_dir=args.out, base_cache=cache, ref_cache=cache,
         on_step=_print_step, on_phase=lambda name: print(f"[{name}]", file=sys.stderr),
+        served_model_name=args.served_model_name,
     )  # fmt: skip
     summary = result.to_json()
     summary.pop("history")

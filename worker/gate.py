@@ -71,8 +71,8 @@ def measure_retention(
     model, on the gate's questions and prompts, the base's figures through the database cache."""
     from peft import PeftModel
 
+    from foundation.model import load_model, load_tokenizer, model_identity
     from worker.training.evaluate import general_mc_path, load_mc
-    from worker.training.model import load_model, load_tokenizer, model_identity
     from worker.training.retention import (
         check_degeneracy,
         compare_knowledge,

@@ -110,6 +110,7 @@ def _export_user(args: argparse.Namespace) -> int:
 
 
 def _import_user(args: argparse.Namespace) -> int:
+    from app.core.config import get_settings
     from app.services import operations
 
     try:
@@ -118,6 +119,8 @@ def _import_user(args: argparse.Namespace) -> int:
         print(f"bapo import-user: error: cannot read {args.file}: {exc}", file=sys.stderr)
         return 2
     with _session_scope() as session:
-        user_id, key, count = operations.import_user(session, document, args.user_id)
+        user_id, key, count = operations.import_user(
+            session, document, args.user_id, get_settings().pair_limits
+        )
     print(json.dumps({"id": user_id, "api_key": key, "pairs": count}))
     return 0

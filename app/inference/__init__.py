@@ -12,6 +12,12 @@ from app.inference.base import (
     InferenceBackend,
     StreamDelta,
 )
+from foundation.model import (
+    ModelNotFoundError,
+    base_model_folder,
+    bundled_gguf_dir,
+    prepare_base_model,
+)
 
 __all__ = [
     "AdapterRef",
@@ -50,17 +56,11 @@ def build_backend(settings: Settings) -> InferenceBackend:
 
 def model_folder(settings: Settings) -> Path:
     """The HF folder of the served base model, whether or not it has been prepared yet."""
-    from worker.training.model import BUNDLED_FOLDER
-
-    if settings.base_model == "bundled":
-        return settings.data_dir / "models" / BUNDLED_FOLDER
-    return Path(settings.base_model)
+    return base_model_folder(settings.data_dir, settings.base_model)
 
 
 def local_model_status(settings: Settings) -> tuple[bool, str]:
     """(ok, detail) without loading or converting anything: can the base model be loaded?"""
-    from worker.training.model import ModelNotFoundError, bundled_gguf_dir
-
     folder = model_folder(settings)
     if (folder / "config.json").is_file():
         return True, f"local: model loads on first request from {folder}"
@@ -75,6 +75,4 @@ def local_model_status(settings: Settings) -> tuple[bool, str]:
 
 def prepare_model_folder(settings: Settings) -> Path:
     """The base model folder, converting the bundled model on first use (slow, needs torch)."""
-    from worker.training.model import prepare_base_model
-
     return prepare_base_model(settings.data_dir, settings.base_model)

@@ -29,6 +29,7 @@ from app.inference.base import (
     GenerationResult,
     StreamDelta,
 )
+from foundation.model import default_device, load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -139,18 +140,14 @@ class LocalEngine:
 
     def __init__(self, model_dir: Path, max_adapters: int, threads: int = 0) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from worker.training.model import default_device
 
         self.on_adapter_load: AdapterLoadObserver | None = None
         if threads:
             # Small models decode faster on one thread when cores are shared (measured 7x).
             torch.set_num_threads(threads)
-        self.tokenizer: Any = AutoTokenizer.from_pretrained(str(model_dir))
+        self.tokenizer: Any = load_tokenizer(model_dir)  # the engine's: its padding is unused here
         self.device = default_device()  # CUDA when there is one, else the CPU
-        model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-        self.base: Any = model.to(self.device).eval()
+        self.base: Any = load_model(model_dir, self.device)  # fp32, eval mode, like training
         self.peft: Any = None  # the PeftModel wrapping `base`, once an adapter is loaded
         self.adapters: OrderedDict[str, AdapterRef] = OrderedDict()
         self.max_adapters = max_adapters

@@ -8,16 +8,13 @@ changes nothing and learns that it must stop. Nothing here commits.
 
 from __future__ import annotations
 
-import json
 import secrets
 import shutil
 from dataclasses import dataclass
 from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import ColumnElement, func, literal, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -28,9 +25,8 @@ from app.core.train_limits import limit_violations
 from app.models import ACTIVE_JOB_STATUSES, JobEvent, PreferencePair, TrainingJob, utcnow
 from app.queue import enqueue_training
 from app.services.users import get_user
-from worker.training.config import ConfigError, TrainConfig  # pure Python: no torch
+from foundation.train_config import ConfigError, TrainConfig
 
-SERVER_OWNED_HYPERPARAMETERS = frozenset({"served_model_name"})
 FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
 
 
@@ -59,23 +55,11 @@ def new_job_id() -> str:
     return "job_" + secrets.token_hex(12)
 
 
-@lru_cache(maxsize=1)
-def _config_adapter() -> TypeAdapter[TrainConfig]:
-    return TypeAdapter(TrainConfig)
-
-
 def resolve_hyperparameters(
     settings: Settings, method: str | None, overrides: dict[str, Any] | None
 ) -> dict[str, Any]:
     """Every hyperparameter of a new job: engine defaults < TRAIN_DEFAULTS < the request."""
     overrides = dict(overrides or {})
-    owned = sorted(SERVER_OWNED_HYPERPARAMETERS & set(overrides))
-    if owned:
-        raise InvalidRequest(
-            f"hyperparameters.{owned[0]}: set by the server, not per job",
-            "invalid_hyperparameters",
-            param=f"hyperparameters.{owned[0]}",
-        )
     if method is not None and overrides.get("method", method) != method:
         raise InvalidRequest(
             "hyperparameters.method: differs from `method`",
@@ -85,39 +69,23 @@ def resolve_hyperparameters(
     merged = {**settings.train_defaults, **overrides}
     if method is not None:
         merged["method"] = method
-    merged["served_model_name"] = settings.served_model_name
-    config = _validated(merged)
+    try:
+        config = TrainConfig.parse(merged)
+    except ConfigError as exc:
+        raise _invalid_hyperparameters(exc) from exc
     _check_limits(settings, config)
     return config.to_dict()
 
 
-def _validated(values: dict[str, Any]) -> TrainConfig:
-    """The TrainConfig for these values, or a 422 naming the first bad hyperparameter."""
-    known = {name for name in TrainConfig.__dataclass_fields__}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise InvalidRequest(
-            f"hyperparameters: unknown hyperparameter(s): {', '.join(unknown)}",
-            "invalid_hyperparameters",
-            param=f"hyperparameters.{unknown[0]}",
-        )
-    try:
-        config = _config_adapter().validate_json(json.dumps(values), strict=True)
-        return config.validate()
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        name = ".".join(str(part) for part in error["loc"])
-        raise InvalidRequest(
-            f"hyperparameters.{name}: {error['msg']}",
-            "invalid_hyperparameters",
-            param=f"hyperparameters.{name}",
-        ) from exc
-    except ConfigError as exc:
-        name = str(exc).split(" ", 1)[0]
-        param = f"hyperparameters.{name}" if name in known else "hyperparameters"
-        raise InvalidRequest(
-            f"hyperparameters.{exc}", "invalid_hyperparameters", param=param
-        ) from exc
+def _invalid_hyperparameters(exc: ConfigError) -> InvalidRequest:
+    """The 422 for a hyperparameter TrainConfig.parse refused, naming it under `hyperparameters`."""
+    text, name = str(exc), exc.field
+    named = name is not None and text.startswith(name)  # "beta must be > 0", "epochs: ..."
+    return InvalidRequest(
+        f"hyperparameters.{text}" if named else f"hyperparameters: {text}",
+        "invalid_hyperparameters",
+        param=f"hyperparameters.{name}" if name else "hyperparameters",
+    )
 
 
 def _check_limits(settings: Settings, config: TrainConfig) -> None:

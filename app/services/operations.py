@@ -18,6 +18,7 @@ from app.models import Adapter, PreferencePair, User
 from app.services import adapters as adapter_service
 from app.services import feedback as feedback_service
 from app.services import users as user_service
+from foundation.pairs import PairError, PairLimits, pair_from_dict
 
 EXPORT_FORMAT = "bapo-user-export"
 EXPORT_VERSION = 1
@@ -132,35 +133,38 @@ def export_user(session: Session, user_id: str) -> dict[str, Any]:
 
 
 def import_user(
-    session: Session, document: dict[str, Any], user_id: str | None
+    session: Session, document: dict[str, Any], user_id: str | None, limits: PairLimits
 ) -> tuple[str, str, int]:
-    """Create a user from an export (pairs only; adapters are retrained): (id, new key, pairs)."""
+    """Create a user from an export (pairs only; adapters are retrained): (id, new key, pairs).
+
+    Each pair is checked like `POST /users/<id>/feedback` checks it; one bad pair refuses the
+    whole import (the transaction creates nothing).
+    """
     if document.get("format") != EXPORT_FORMAT or document.get("version") != EXPORT_VERSION:
         raise InvalidRequest(f"not a {EXPORT_FORMAT} v{EXPORT_VERSION} document", "bad_export")
     target = user_id or str(document.get("user", {}).get("id", ""))
     if session.get(User, target) is not None:
         raise Conflict(f"User {target!r} already exists; import under another id", "user_exists")
     user, key = user_service.create_user(session, target)
-    rows = [_pair_row(user.id, item, i) for i, item in enumerate(document.get("pairs", []))]
+    items = document.get("pairs", [])
+    if not isinstance(items, list):
+        raise InvalidRequest("pairs: must be a list", "bad_export", param="pairs")
+    rows = [_pair_row(user.id, item, i, limits) for i, item in enumerate(items)]
     session.add_all(rows)
     session.flush()
     return user.id, key, len(rows)
 
 
-def _pair_row(user_id: str, item: dict[str, Any], index: int) -> PreferencePair:
+def _pair_row(user_id: str, item: Any, index: int, limits: PairLimits) -> PreferencePair:
+    """The row of one exported pair, checked by the one pair validator."""
+    where = f"pairs.{index}."
     try:
-        messages, chosen, rejected = item["messages"], item["chosen"], item["rejected"]
-        created = datetime.fromisoformat(item["created_at"]) if item.get("created_at") else None
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InvalidRequest(f"pairs[{index}]: malformed ({exc})", "bad_export") from exc
-    row = PreferencePair(
-        user_id=user_id,
-        messages=messages,
-        prompt_hash=feedback_service.prompt_hash(messages),
-        chosen=chosen,
-        rejected=rejected,
-        meta=item.get("metadata"),
-    )
-    if created is not None:
-        row.created_at = created
+        row = feedback_service.pair_row(user_id, pair_from_dict(item, limits, where))
+    except PairError as exc:
+        raise InvalidRequest(str(exc), exc.code, param=exc.field) from exc
+    try:
+        if item.get("created_at"):
+            row.created_at = datetime.fromisoformat(item["created_at"])
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequest(f"{where}created_at: {exc}", "bad_export") from exc
     return row

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, plan: benchmark.ServingPlan) -> dict[str, Any]:
     """Every part of the benchmark, then the files."""
-    from worker.training.model import prepare_base_model
+    from foundation.model import prepare_base_model
 
     log = _timed_log()
     work = args.work_dir.resolve()

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from worker.training.config import DEFAULT_TARGET_MODULES
+from foundation.train_config import DEFAULT_TARGET_MODULES
 
 SERVED_NAME = "smollm2-135m-instruct"
 RANK = 8

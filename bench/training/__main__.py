@@ -26,7 +26,7 @@ from bench.training.gpu import (
     word_vocab_size,
 )
 from bench.training.pairs import hh_pairs, synthetic_pairs, word_pairs
-from worker.training.data import Pair
+from foundation.pairs import Pair
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -90,7 +90,7 @@ def model_and_pairs(
         pairs = word_pairs(count, vocab, prompt_words, response_words, args.seed)
         source = f"random words, {prompt_words}-word prompts, {response_words}-word responses"
         return model_dir, pairs, f"random-initialised {config_name} config", source
-    from worker.training.model import prepare_base_model
+    from foundation.model import prepare_base_model
 
     model_dir = prepare_base_model(args.model_data_dir)
     if args.pairs == "hh-rlhf":
@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def plan_config_defaults() -> dict[str, Any]:
     """The engine's TrainConfig defaults (what the plan does not override)."""
-    from worker.training.config import TrainConfig
+    from foundation.train_config import TrainConfig
 
     return TrainConfig().to_dict()
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from bench.common import REPO_ROOT, median, ratio
 from bench.training.variants import RunSpec
-from worker.training.data import Pair
+from foundation.pairs import Pair
 
 Log = Callable[[str], None]
 GOAL_DPO_VS_TRL = 1.5

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from worker.training.data import Pair
+from foundation.pairs import Pair
 
 TOPICS = (
     "sourdough bread", "compound interest", "black holes", "the French Revolution",

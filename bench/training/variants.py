@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import current_rss_mib, peak_rss_mib
+from foundation.pairs import Pair, pair_from_dict
+from foundation.train_config import TrainConfig
 from worker.training.cache import JsonFileCache, KeyValueCache, MemoryCache
-from worker.training.config import TrainConfig
-from worker.training.data import Pair, encode_pair, pair_from_dict
+from worker.training.data import encode_pair
 
 OURS = {"ours_dpo": "dpo", "ours_bapo": "bapo", "ours_bapo_retrain": "bapo"}
 TRL = {"trl_dpo": True, "trl_dpo_live_ref": False}  # variant → precompute_ref_log_probs
@@ -126,8 +127,8 @@ def base_texts(
     cache: KeyValueCache, model_dir: Path, pairs: list[Pair], config: TrainConfig
 ) -> list[str]:
     """The base responses the run used, read back from its cache (the engine's keys)."""
+    from foundation.model import model_identity
     from worker.training.cache import base_response_key
-    from worker.training.model import model_identity
 
     identity = model_identity(model_dir)
     keys = [base_response_key(identity, pair.messages, config) for pair in pairs]
@@ -161,11 +162,11 @@ def _run_ours(spec: RunSpec) -> RunResult:
     """worker.training.trainer.train, timed per phase."""
     import torch
 
-    from worker.training.model import load_tokenizer
+    from foundation.model import load_tokenizer
     from worker.training.trainer import train
 
     pairs = [pair_from_dict(p) for p in spec.pairs]
-    config = TrainConfig.from_dict({**spec.config, "method": OURS[spec.variant]})
+    config = TrainConfig.parse({**spec.config, "method": OURS[spec.variant]})
     tokenizer = load_tokenizer(Path(spec.model_dir))
     tokens_per_epoch = epoch_pair_tokens(tokenizer, pairs, config)
     marks: list[tuple[str, float]] = []
@@ -278,10 +279,10 @@ def _run_trl(spec: RunSpec) -> RunResult:
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import DPOTrainer
 
-    from worker.training.model import load_tokenizer
+    from foundation.model import load_tokenizer
 
     pairs = [pair_from_dict(p) for p in spec.pairs]
-    config = TrainConfig.from_dict({**spec.config, "method": "dpo"})
+    config = TrainConfig.parse({**spec.config, "method": "dpo"})
     tokenizer = load_tokenizer(Path(spec.model_dir))
     tokens_per_epoch = epoch_pair_tokens(tokenizer, pairs, config)
     tokenizer.padding_side = "right"  # TRL's collator pads itself; keep the HF default for it

@@ -40,7 +40,7 @@ TINY_TRAINING = {
 
 def model_dir() -> Path:
     """The bundled model converted once per machine (BAPO_TEST_DATA_DIR or the repo's data/)."""
-    from worker.training.model import prepare_base_model
+    from foundation.model import prepare_base_model
 
     cache = Path(os.environ.get("BAPO_TEST_DATA_DIR") or REPO_ROOT / "data")
     return prepare_base_model(cache)

@@ -36,7 +36,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @cache
 def model_dir() -> Path:
     """The bundled model as a safetensors folder, converted once into the repo's data/ folder."""
-    from worker.training.model import prepare_base_model
+    from foundation.model import prepare_base_model
 
     return prepare_base_model(REPO / "data")
 

@@ -23,7 +23,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.core.db import make_engine, make_sessionmaker, transaction
 from app.models import JobEvent, TrainingJob, User
 from app.services import jobs as job_service
-from app.services.feedback import NormalizedPair, store_pairs
+from app.services.feedback import store_pairs
+from foundation.pairs import Pair
 from tests.fault_support import private_redis
 from tests.support import OPERATOR_KEY, free_port, make_settings, postgres_database
 from tests.worker_support import (
@@ -335,9 +336,7 @@ def _queued_job(factory: sessionmaker[Session], settings: Any, user_id: str) -> 
         session.add(User(id=user_id))
         session.flush()
         pairs = [
-            NormalizedPair(
-                [{"role": "user", "content": f"Question {i}?"}], f"Kind {i}.", "No.", None
-            )
+            Pair([{"role": "user", "content": f"Question {i}?"}], f"Kind {i}.", "No.", None)
             for i in range(4)
         ]
         store_pairs(session, user_id, pairs, None)

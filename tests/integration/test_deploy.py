@@ -290,7 +290,7 @@ def _stages(text: str) -> dict[str, list[str]]:
 def test_a_code_change_rebuilds_only_the_code_layer() -> None:
     """Dependencies (CUDA torch) install before any code is copied, in every stage."""
     stages = _stages((ROOT / "Dockerfile").read_text())
-    code = ("app", "worker", "migrations", ".")
+    code = ("app", "worker", "foundation", "migrations", ".")
     for name in ("api", "worker"):
         instructions = stages[name]
         deps = next(

@@ -23,7 +23,8 @@ from app.models import JobEvent, TrainingJob, User, utcnow
 from app.queue import GPU_QUEUE, broker_transport_options
 from app.services import jobs as job_service
 from app.services import schedule as schedule_service
-from app.services.feedback import NormalizedPair, store_pairs
+from app.services.feedback import store_pairs
+from foundation.pairs import Pair
 from tests.support import make_settings, postgres_database
 from worker.caches import base_response_cache, reference_logprob_cache
 
@@ -69,7 +70,7 @@ def _user(factory: sessionmaker[Session], user_id: str, pairs: int) -> list[int]
         session.add(User(id=user_id))
         session.flush()
         rows = [
-            NormalizedPair([{"role": "user", "content": f"{user_id} {i}"}], "yes", "no", None)
+            Pair([{"role": "user", "content": f"{user_id} {i}"}], "yes", "no", None)
             for i in range(pairs)
         ]
         body = store_pairs(session, user_id, rows, None).body
@@ -165,7 +166,7 @@ def _user_pairs_add(factory: sessionmaker[Session], user_id: str) -> None:
         store_pairs(
             session,
             user_id,
-            [NormalizedPair([{"role": "user", "content": "new"}], "yes", "no", None)],
+            [Pair([{"role": "user", "content": "new"}], "yes", "no", None)],
             None,
         )
 

@@ -28,7 +28,7 @@ from app.core.db import make_engine, make_sessionmaker, transaction
 from app.models import PreferencePair, TrainingJob, utcnow
 from app.queue import GPU_QUEUE, send_training
 from app.services import schedule as schedule_service
-from app.services.feedback import prompt_hash
+from foundation.pairs import prompt_hash
 from tests.fault_support import private_redis
 from tests.support import make_settings, postgres_database
 from worker.schedule import enqueue_due_retrains

@@ -173,7 +173,7 @@ def tiny_plan() -> Plan:
 
 @pytest.fixture(scope="module")
 def model_path() -> Path:
-    from worker.training.model import prepare_base_model
+    from foundation.model import prepare_base_model
 
     return prepare_base_model(REPO_ROOT / "data")
 
@@ -208,8 +208,8 @@ def test_readers_parse_the_shared_formats(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_mc_outcomes_match_the_engine(model_path: Path, tmp_path: Path) -> None:
     from bench.forgetting.measures import mc_outcomes
+    from foundation.model import load_model, load_tokenizer
     from worker.training.evaluate import mc_accuracy
-    from worker.training.model import load_model, load_tokenizer
 
     questions = datasets.mc_set("arc_easy").read(make_data(tmp_path / "data"))
     model, tokenizer = load_model(model_path), load_tokenizer(model_path)
@@ -368,8 +368,8 @@ def test_dpo_tuning_skips_broken_text_and_the_default_follows_the_rule() -> None
 
 
 def test_judge_flags_repetition_and_scores_the_persona(model_path: Path) -> None:
+    from foundation.model import load_model, load_tokenizer
     from worker.training.judge import persona_scores, repeated_ngram_fraction
-    from worker.training.model import load_model, load_tokenizer
 
     assert repeated_ngram_fraction([1, 2, 3, 4, 5, 6]) == 0.0
     assert repeated_ngram_fraction([7, 8, 9, 10] * 5) > 0.5
@@ -394,8 +394,8 @@ def test_length_band_takes_the_bound_of_the_longest_length_reached() -> None:
 def test_fluency_scores_content_only_and_judges_short_answers_by_short_text(
     model_path: Path,
 ) -> None:
+    from foundation.model import load_model, load_tokenizer
     from worker.training.judge import fluency, length_band, percentile, token_nll
-    from worker.training.model import load_model, load_tokenizer
 
     model, tokenizer = load_model(model_path), load_tokenizer(model_path)
     eot = tokenizer.eos_token_id

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from app.core.config import Settings
-from worker.training.config import TrainConfig
+from foundation.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 README_PATH = ROOT / "README.md"

@@ -13,17 +13,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from foundation.model import CausalLM, autocast
+from foundation.pairs import Messages, Pair
+from foundation.train_config import TrainConfig
 from worker.training.cache import (
     KeyValueCache,
     MemoryCache,
     base_response_key,
     reference_key,
 )
-from worker.training.cache import prompt_key as prompt_key  # re-exported for callers
-from worker.training.config import TrainConfig
-from worker.training.data import Messages, Pair, encode_prompt, encode_response
+from worker.training.data import encode_prompt, encode_response
 from worker.training.logprobs import score_sequences
-from worker.training.model import CausalLM, autocast
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

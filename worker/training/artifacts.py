@@ -9,8 +9,10 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from foundation.files import publish_permissions
+
 if TYPE_CHECKING:
-    from worker.training.model import CausalLM
+    from foundation.model import CausalLM
 
 METRICS_FILE = "metrics.json"
 
@@ -59,17 +61,6 @@ def save_adapter(
             ) from exc
         raise
     return out_dir
-
-
-def publish_permissions(folder: Path) -> None:
-    """Make a temp folder (mkdtemp makes it 0700) world-readable: 0755, files 0644.
-
-    Other processes (a vLLM server under another user, say) must be able to read what we publish.
-    """
-    folder.chmod(0o755)
-    for path in folder.iterdir():
-        if path.is_file():
-            path.chmod(0o644)
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -1,9 +1,9 @@
 """Key-value caches for base responses and reference log-probs (callers choose the storage).
 
 Keys (values: a Generation's JSON text for base answers, float for reference log-probs):
-  base answer:        f"{model_identity}:{prompt_key}:{base_max_new_tokens}:{greedy|sampled}"
+  base answer:        f"{model_identity}:{prompt_hash}:{base_max_new_tokens}:{greedy|sampled}"
                       f":g{CACHE_FORMAT}"
-  reference log-prob: f"{model_identity}:{prompt_key}:{sha256(response)[:32]}"
+  reference log-prob: f"{model_identity}:{prompt_hash}:{sha256(response)[:32]}"
                       f":{max_prompt_tokens}:{max_response_tokens}:g{CACHE_FORMAT}"
 A response is hashed as its text, or for a base answer as its generated token ids. CACHE_FORMAT
 changes whenever what a value means changes, so no cache written by an older engine is reused.
@@ -19,18 +19,14 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from foundation.pairs import prompt_hash
+
 if TYPE_CHECKING:
-    from worker.training.config import TrainConfig
-    from worker.training.data import Messages
+    from foundation.pairs import Messages
+    from foundation.train_config import TrainConfig
 
 
 CACHE_FORMAT = 2  # 2: base answers keep their generated token ids (no invented end-of-turn)
-
-
-def prompt_key(messages: Messages) -> str:
-    """sha256 of the canonical JSON of the chat turns."""
-    canonical = json.dumps(messages, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def base_response_key(identity: str, messages: Messages, config: TrainConfig | None = None) -> str:
@@ -39,7 +35,7 @@ def base_response_key(identity: str, messages: Messages, config: TrainConfig | N
     The decoding settings are part of the key so changing `base_max_new_tokens` or
     `base_do_sample` never silently reuses answers decoded another way.
     """
-    key = f"{identity}:{prompt_key(messages)}"
+    key = f"{identity}:{prompt_hash(messages)}"
     if config is None:
         return key
     decoding = "sampled" if config.base_do_sample else "greedy"
@@ -50,7 +46,7 @@ def reference_key(identity: str, messages: Messages, response: str, config: Trai
     """Cache key of log πref(response | prompt) under the config's truncation limits."""
     response_hash = hashlib.sha256(response.encode("utf-8")).hexdigest()[:32]
     limits = f"{config.max_prompt_tokens}:{config.max_response_tokens}"
-    return f"{identity}:{prompt_key(messages)}:{response_hash}:{limits}:g{CACHE_FORMAT}"
+    return f"{identity}:{prompt_hash(messages)}:{response_hash}:{limits}:g{CACHE_FORMAT}"
 
 
 class CacheFileError(ValueError):

@@ -1,127 +1,26 @@
-"""Training hyperparameters: one frozen dataclass with documented defaults."""
+"""Temporary: bench/forgetting's old path to `foundation.train_config.TrainConfig` (issue #20).
+
+bench/forgetting may not change while its recorded run is in progress, and it still calls
+`TrainConfig.from_dict`, the old name of `TrainConfig.parse`. Once its imports read
+`foundation.train_config` and it calls `parse`, delete this module. Nothing else may import it
+(tests/unit/test_import_direction.py fails if anything does).
+"""
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any
 
-Method = Literal["bapo", "dpo"]
-AnchorForm = Literal["hinge", "hinge_per_token", "hinge_tolerance", "replay", "sigmoid"]
-Schedule = Literal["cosine", "linear", "constant"]
-
-METHODS: tuple[str, ...] = ("bapo", "dpo")
-# The anchor term's forms (worker/training/loss.py has each equation).
-ANCHOR_FORMS: tuple[str, ...] = ("hinge", "hinge_per_token", "hinge_tolerance", "replay", "sigmoid")
-SCHEDULES: tuple[str, ...] = ("cosine", "linear", "constant")
-# vLLM only accepts these LoRA ranks (vllm/config/lora.py).
-VLLM_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-DEFAULT_TARGET_MODULES: tuple[str, ...] = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-)
+from foundation.train_config import TrainConfig as _TrainConfig
 
 
-class ConfigError(ValueError):
-    """A hyperparameter is out of range or unknown."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Every hyperparameter of a training run; defaults suit a small LoRA on a few hundred pairs."""
-
-    method: Method = "bapo"
-    beta: float = 0.1
-    anchor_weight: float = 1.0
-    anchor_form: AnchorForm = "hinge"
-    anchor_tolerance: float = 0.0  # δ in nats, for anchor_form "hinge_tolerance"
-    learning_rate: float = 5e-4
-    epochs: int = 3
-    max_steps: int | None = None
-    batch_size: int = 4
-    grad_accum_steps: int = 1
-    lr_schedule: Schedule = "cosine"
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    lora_rank: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGET_MODULES)
-    seed: int = 0
-    max_prompt_tokens: int = 512
-    max_response_tokens: int = 256
-    heldout_fraction: float = 0.1
-    min_pairs_for_heldout: int = 10
-    base_max_new_tokens: int = 128
-    base_do_sample: bool = False
-    base_batch_size: int = 8
-    score_batch_size: int = 8
-    served_model_name: str = "smollm2-135m-instruct"
-
-    @property
-    def effective_anchor_weight(self) -> float:
-        """λ actually used: 0 for the DPO baseline."""
-        return 0.0 if self.method == "dpo" else self.anchor_weight
-
-    def validate(self) -> TrainConfig:
-        """Raise ConfigError on the first bad value; return self for chaining."""
-        for problem in _problems(self):
-            raise ConfigError(problem)
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (target_modules as a list)."""
-        data = dataclasses.asdict(self)
-        data["target_modules"] = list(self.target_modules)
-        return data
+class TrainConfig(_TrainConfig):
+    """Only a namespace for `from_dict`: what it returns is a `foundation` TrainConfig."""
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Build from a (partial) dict, refusing unknown keys; the result is validated."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown hyperparameter(s): {', '.join(unknown)}")
-        values = dict(data)
-        if "target_modules" in values:
-            values["target_modules"] = tuple(values["target_modules"])
-        return cls(**values).validate()
+    def from_dict(cls, data: Mapping[str, Any]) -> _TrainConfig:
+        """TrainConfig.parse under its old name."""
+        return _TrainConfig.parse(data)
 
 
-def _problems(c: TrainConfig) -> list[str]:
-    """All validation messages for a config, in field order."""
-    checks: list[tuple[bool, str]] = [
-        (c.method in METHODS, f"method must be one of {METHODS}, got {c.method!r}"),
-        (c.anchor_form in ANCHOR_FORMS, f"anchor_form must be one of {ANCHOR_FORMS}"),
-        (c.lr_schedule in SCHEDULES, f"lr_schedule must be one of {SCHEDULES}"),
-        (c.beta > 0, "beta must be > 0"),
-        (c.anchor_weight >= 0, "anchor_weight must be >= 0"),
-        (c.anchor_tolerance >= 0, "anchor_tolerance must be >= 0"),
-        (c.learning_rate > 0, "learning_rate must be > 0"),
-        (c.epochs >= 1, "epochs must be >= 1"),
-        (c.max_steps is None or c.max_steps >= 1, "max_steps must be >= 1 when given"),
-        (c.batch_size >= 1, "batch_size must be >= 1"),
-        (c.grad_accum_steps >= 1, "grad_accum_steps must be >= 1"),
-        (0 <= c.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
-        (c.weight_decay >= 0, "weight_decay must be >= 0"),
-        (c.max_grad_norm > 0, "max_grad_norm must be > 0"),
-        (c.lora_rank in VLLM_LORA_RANKS, f"lora_rank must be one of {VLLM_LORA_RANKS} (vLLM)"),
-        (c.lora_alpha > 0, "lora_alpha must be > 0"),
-        (0 <= c.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
-        (len(c.target_modules) > 0, "target_modules must not be empty"),
-        (c.max_prompt_tokens >= 8, "max_prompt_tokens must be >= 8"),
-        (c.max_response_tokens >= 1, "max_response_tokens must be >= 1"),
-        (0 <= c.heldout_fraction < 1, "heldout_fraction must be in [0, 1)"),
-        (c.min_pairs_for_heldout >= 2, "min_pairs_for_heldout must be >= 2"),
-        (c.base_max_new_tokens >= 1, "base_max_new_tokens must be >= 1"),
-        (c.base_batch_size >= 1, "base_batch_size must be >= 1"),
-        (c.score_batch_size >= 1, "score_batch_size must be >= 1"),
-        (bool(c.served_model_name), "served_model_name must not be empty"),
-    ]
-    return [message for ok, message in checks if not ok]
+__all__ = ["TrainConfig"]

@@ -14,27 +14,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+# Messages and Pair are imported at run time: bench/forgetting imports them from here.
+from foundation.pairs import Messages, Pair, PairError, pair_from_dict
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
-
-Messages = list[dict[str, str]]
-ROLES = ("system", "user", "assistant")
-
-
-class PairError(ValueError):
-    """A preference pair (or the file holding it) is malformed."""
-
-
-@dataclass
-class Pair:
-    """One preference: chat turns ending with a user turn, the chosen and the rejected response."""
-
-    messages: Messages
-    chosen: str
-    rejected: str
 
 
 @dataclass
@@ -56,46 +43,9 @@ class Batch:
         return int(self.attention_mask.sum())
 
 
-def pair_from_dict(data: Any) -> Pair:
-    """Validate a `{"prompt"|"messages", "chosen", "rejected"}` dict and build a Pair."""
-    if not isinstance(data, dict):
-        raise PairError("a pair must be a JSON object")
-    if ("prompt" in data) == ("messages" in data):
-        raise PairError("a pair needs exactly one of 'prompt' or 'messages'")
-    messages = _messages_from(data)
-    chosen, rejected = _text_field(data, "chosen"), _text_field(data, "rejected")
-    if chosen == rejected:
-        raise PairError("chosen and rejected are identical")
-    return Pair(messages=messages, chosen=chosen, rejected=rejected)
-
-
-def _text_field(data: dict[str, Any], name: str) -> str:
-    """A required non-blank string field."""
-    value = data.get(name)
-    if not isinstance(value, str) or not value.strip():
-        raise PairError(f"'{name}' must be a non-empty string")
-    return value
-
-
-def _messages_from(data: dict[str, Any]) -> Messages:
-    """The chat turns of a pair, checked: known roles, string contents, last turn from the user."""
-    if "prompt" in data:
-        return [{"role": "user", "content": _text_field(data, "prompt")}]
-    messages = data["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise PairError("'messages' must be a non-empty list")
-    for turn in messages:
-        if not isinstance(turn, dict) or turn.get("role") not in ROLES:
-            raise PairError(f"each message needs a role in {ROLES}")
-        if not isinstance(turn.get("content"), str):
-            raise PairError("each message needs a string 'content'")
-    if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
-        raise PairError("the last message must be a non-empty user turn")
-    return [{"role": turn["role"], "content": turn["content"]} for turn in messages]
-
-
 def load_pairs_jsonl(path: Path) -> list[Pair]:
-    """Read one pair per line (blank lines skipped); errors name the line number."""
+    """Read one pair per line (blank lines skipped), checked like the API checks them (default
+    limits); errors name the line number."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -109,7 +59,7 @@ def load_pairs_jsonl(path: Path) -> list[Pair]:
         except json.JSONDecodeError as exc:
             raise PairError(f"{path}:{number}: invalid JSON ({exc.msg})") from exc
         except PairError as exc:
-            raise PairError(f"{path}:{number}: {exc}") from exc
+            raise PairError(f"{path}:{number}: {exc}", exc.code, exc.field) from exc
     if not pairs:
         raise PairError(f"{path}: no pairs")
     return pairs

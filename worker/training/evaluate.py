@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from worker.training.config import TrainConfig
+from foundation.model import CausalLM
+from foundation.train_config import TrainConfig
 from worker.training.data import EncodedPair, encode_prompt, encode_response
 from worker.training.logprobs import base_anchor, pair_logratios, score_sequences
 from worker.training.loss import bapo_loss
-from worker.training.model import CausalLM
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -232,7 +232,7 @@ def evaluate_adapter(
     """
     from peft import PeftModel
 
-    from worker.training.model import load_model, load_tokenizer
+    from foundation.model import load_model, load_tokenizer
 
     tokenizer, model = load_tokenizer(model_path), load_model(model_path)
     if adapter_dir is None:

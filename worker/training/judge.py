@@ -26,9 +26,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from worker.training.data import Messages, encode_prompt
+from foundation.model import CausalLM
+from foundation.pairs import Messages
+from worker.training.data import encode_prompt
 from worker.training.logprobs import score_tokens
-from worker.training.model import CausalLM
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -12,9 +12,9 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 
+from foundation.model import CausalLM, autocast
 from worker.training.data import Batch, EncodedPair, collate
 from worker.training.loss import BaseAnchor
-from worker.training.model import CausalLM, autocast
 
 T = TypeVar("T")
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from worker.training.config import ANCHOR_FORMS
+from foundation.train_config import ANCHOR_FORMS
 
 Metrics = dict[str, torch.Tensor]
 

@@ -18,7 +18,7 @@ The base model's figures belong to (base model, question or prompt, scoring sett
 adapter: they are read from a cache and computed only when missing. Keys (values: JSON text):
   MC outcome:  f"gate-mc:{identity}:{sha256(question)[:32]}:{MC_MAX_PROMPT_TOKENS}"
                f":{MC_MAX_CHOICE_TOKENS}:g{GATE_CACHE_FORMAT}"
-  base answer: f"gate-answer:{identity}:{prompt_key}:{FLUENCY_MAX_NEW_TOKENS}"
+  base answer: f"gate-answer:{identity}:{prompt_hash}:{FLUENCY_MAX_NEW_TOKENS}"
                f":{JUDGE_MAX_PROMPT_TOKENS}:g{GATE_CACHE_FORMAT}:{FLUENCY_RULE}"
 One key per question (not per file) so that a GATE_MC_LIMIT, or questions added to a file, reuse
 every outcome already known. Torch and the model code are imported inside the functions: the
@@ -39,11 +39,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from foundation.model import CausalLM
+    from foundation.pairs import Messages
     from worker.training.anchors import Generation
     from worker.training.cache import KeyValueCache
-    from worker.training.data import Messages
     from worker.training.evaluate import MCQuestion
-    from worker.training.model import CausalLM
 
 GATE_CACHE_FORMAT = 1
 FLUENCY_MAX_NEW_TOKENS = 48
@@ -229,12 +229,12 @@ def _decoded(value: Any) -> Any:
 
 def answer_key(identity: str, messages: Messages) -> str:
     """Cache key of the base model's judged greedy answer to one general prompt."""
-    from worker.training.cache import prompt_key
+    from foundation.pairs import prompt_hash
     from worker.training.judge import FLUENCY_RULE, JUDGE_MAX_PROMPT_TOKENS
 
     settings = f"{FLUENCY_MAX_NEW_TOKENS}:{JUDGE_MAX_PROMPT_TOKENS}:g{GATE_CACHE_FORMAT}"
     settings += f":{FLUENCY_RULE}"
-    return f"gate-answer:{identity}:{prompt_key(messages)}:{settings}"
+    return f"gate-answer:{identity}:{prompt_hash(messages)}:{settings}"
 
 
 def check_degeneracy(

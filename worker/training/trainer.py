@@ -13,11 +13,20 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from foundation.model import (
+    DEFAULT_SERVED_MODEL_NAME,
+    CausalLM,
+    default_device,
+    load_model,
+    load_tokenizer,
+    model_identity,
+)
+from foundation.pairs import Pair, PairError, prompt_hash
+from foundation.train_config import TrainConfig
 from worker.training.anchors import Anchors, CacheStats, PhaseCallback, compute_anchors
 from worker.training.artifacts import check_out_dir, save_adapter
-from worker.training.cache import KeyValueCache, prompt_key
-from worker.training.config import TrainConfig
-from worker.training.data import EncodedPair, Pair, PairError, encode_pair
+from worker.training.cache import KeyValueCache
+from worker.training.data import EncodedPair, encode_pair
 from worker.training.evaluate import (
     MCQuestion,
     knowledge_retention,
@@ -26,13 +35,6 @@ from worker.training.evaluate import (
 )
 from worker.training.logprobs import base_anchor, pair_logratios
 from worker.training.loss import bapo_loss
-from worker.training.model import (
-    CausalLM,
-    default_device,
-    load_model,
-    load_tokenizer,
-    model_identity,
-)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -113,10 +115,13 @@ def train(
     should_cancel: CancelCheck | None = None,
     mc_questions: list[MCQuestion] | None = None,
     device: torch.device | None = None,
+    served_model_name: str = DEFAULT_SERVED_MODEL_NAME,
 ) -> TrainResult:
     """Train a LoRA adapter on `pairs` and save it (with metrics.json) atomically to `out_dir`.
 
     With `mc_questions`, the evaluating phase also measures knowledge retention (mc_* metrics).
+    `served_model_name` is the base model's name on the inference server, written into the
+    adapter (a property of the deployment, not a hyperparameter).
     """
     started = time.perf_counter()
     config.validate()
@@ -148,7 +153,7 @@ def train(
         config=config.to_dict(),
     )
     hooks.phase("saving")
-    save_adapter(run.policy, out_dir, result.to_json(), config.served_model_name)
+    save_adapter(run.policy, out_dir, result.to_json(), served_model_name)
     return result
 
 
@@ -189,7 +194,7 @@ def _prepare(
         base_cache=base_cache, ref_cache=ref_cache, on_phase=hooks.phase,
     )  # fmt: skip
     encoded = _encode_with_anchors(tokenizer, pairs, anchors, config)
-    prompts = [prompt_key(pair.messages) for pair in pairs]
+    prompts = [prompt_hash(pair.messages) for pair in pairs]
     train_idx, heldout_idx = split_heldout(len(pairs), config, prompts)
     _seed_everything(config.seed)  # again: LoRA init must not depend on what the caches held
     policy = wrap_lora(model, config)

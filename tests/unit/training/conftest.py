@@ -33,7 +33,7 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def model_dir(data_dir: Path) -> Path:
     """The bundled model as a safetensors folder (converted on first use)."""
-    from worker.training.model import prepare_base_model
+    from foundation.model import prepare_base_model
 
     return prepare_base_model(data_dir)
 
@@ -43,7 +43,7 @@ def gguf_tokenizer() -> Any:
     """The bundled tokenizer read straight from the GGUF: no conversion needed (fast tests)."""
     from transformers import AutoTokenizer
 
-    from worker.training.model import BUNDLED_GGUF, bundled_gguf_dir
+    from foundation.model import BUNDLED_GGUF, bundled_gguf_dir
 
     tokenizer = AutoTokenizer.from_pretrained(str(bundled_gguf_dir()), gguf_file=BUNDLED_GGUF)
     tokenizer.padding_side = "left"
@@ -53,7 +53,7 @@ def gguf_tokenizer() -> Any:
 @pytest.fixture(scope="module")
 def base_model(model_dir: Path) -> Any:
     """The bundled model in eval mode on CPU (one load per test module)."""
-    from worker.training.model import load_model
+    from foundation.model import load_model
 
     return load_model(model_dir)
 
@@ -61,6 +61,6 @@ def base_model(model_dir: Path) -> Any:
 @pytest.fixture(scope="session")
 def tokenizer(model_dir: Path) -> Any:
     """The converted model's tokenizer."""
-    from worker.training.model import load_tokenizer
+    from foundation.model import load_tokenizer
 
     return load_tokenizer(model_dir)

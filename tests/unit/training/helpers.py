@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.training.data import Pair
+from foundation.pairs import Pair
 
 # Chosen answers in a marked "pirate" style; rejected answers are plain, close to what the base
 # model says itself. DPO pushes the plain style (and with it the base answers) down; BAPO's anchor

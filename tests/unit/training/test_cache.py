@@ -6,16 +6,16 @@ from pathlib import Path
 
 import pytest
 
+from foundation.pairs import prompt_hash
+from foundation.train_config import TrainConfig
 from worker.training.cache import (
     CACHE_FORMAT,
     CacheFileError,
     JsonFileCache,
     MemoryCache,
     base_response_key,
-    prompt_key,
     reference_key,
 )
-from worker.training.config import TrainConfig
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
 
@@ -53,17 +53,19 @@ def test_json_file_cache_refuses_a_bad_file(tmp_path: Path) -> None:
 
 
 def test_keys_depend_on_model_prompt_response_and_limits() -> None:
-    assert prompt_key(MESSAGES) == prompt_key([{"content": "Hi", "role": "user"}])
-    assert prompt_key(MESSAGES) != prompt_key([{"role": "user", "content": "Hi!"}])
-    assert base_response_key("m1", MESSAGES) == f"m1:{prompt_key(MESSAGES)}"
+    assert prompt_hash(MESSAGES) == prompt_hash([{"content": "Hi", "role": "user"}])
+    assert prompt_hash(MESSAGES) != prompt_hash([{"role": "user", "content": "Hi!"}])
+    assert base_response_key("m1", MESSAGES) == f"m1:{prompt_hash(MESSAGES)}"
     assert base_response_key("m1", MESSAGES) != base_response_key("m2", MESSAGES)
     greedy = base_response_key("m1", MESSAGES, TrainConfig(base_max_new_tokens=64))
-    assert greedy == f"m1:{prompt_key(MESSAGES)}:64:greedy:g{CACHE_FORMAT}"
+    assert greedy == f"m1:{prompt_hash(MESSAGES)}:64:greedy:g{CACHE_FORMAT}"
     assert greedy != base_response_key("m1", MESSAGES, TrainConfig(base_max_new_tokens=32))
     sampled = TrainConfig(base_max_new_tokens=64, base_do_sample=True)
     assert greedy != base_response_key("m1", MESSAGES, sampled)
     config = TrainConfig(max_prompt_tokens=64, max_response_tokens=32)
     key = reference_key("m1", MESSAGES, "Hello", config)
-    assert key.startswith(f"m1:{prompt_key(MESSAGES)}:") and key.endswith(f":64:32:g{CACHE_FORMAT}")
+    assert key.startswith(f"m1:{prompt_hash(MESSAGES)}:") and key.endswith(
+        f":64:32:g{CACHE_FORMAT}"
+    )
     assert key != reference_key("m1", MESSAGES, "Hello!", config)
     assert key != reference_key("m1", MESSAGES, "Hello", TrainConfig(max_response_tokens=31))

@@ -31,7 +31,10 @@ def _fail(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> 
     [
         ([json.dumps(GOOD), "{not json"], "pairs.jsonl:2: invalid JSON"),
         ([json.dumps({"prompt": "p", "chosen": "a"})], "pairs.jsonl:1: 'rejected'"),
-        ([json.dumps({**GOOD, "rejected": GOOD["chosen"]})], "pairs.jsonl:1: chosen and rejected"),
+        (
+            [json.dumps({**GOOD, "rejected": GOOD["chosen"]})],
+            "pairs.jsonl:1: chosen: chosen and rejected are identical",
+        ),
         (["", "  "], "no pairs"),
     ],
 )

@@ -6,13 +6,13 @@ import itertools
 
 import pytest
 
-from worker.training.config import ConfigError, TrainConfig
+from foundation.train_config import ConfigError, TrainConfig
 from worker.training.trainer import lr_factor, split_heldout, total_steps
 
 
 def test_defaults_are_valid_and_round_trip_through_a_dict() -> None:
     config = TrainConfig().validate()
-    assert TrainConfig.from_dict(config.to_dict()) == config
+    assert TrainConfig.parse(config.to_dict()) == config
     assert config.lora_rank in (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
@@ -25,17 +25,23 @@ def test_defaults_are_valid_and_round_trip_through_a_dict() -> None:
         ({"beta": 0}, "beta"),
         ({"max_steps": 0}, "max_steps"),
         ({"max_response_tokens": 0}, "max_response_tokens"),
-        ({"served_model_name": ""}, "served_model_name"),
+        ({"epochs": "2"}, "epochs"),  # strict JSON types: a string is not a number
+        ({"max_steps": 2.0}, "max_steps"),  # nor a float an int
     ],
 )
 def test_bad_values_are_refused(changes: dict[str, object], message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
-        TrainConfig.from_dict(changes)
+    with pytest.raises(ConfigError, match=message) as refused:
+        TrainConfig.parse(changes)
+    assert refused.value.field == message
 
 
 def test_unknown_keys_are_refused() -> None:
-    with pytest.raises(ConfigError, match="unknown hyperparameter"):
-        TrainConfig.from_dict({"learning_rat": 1e-4})
+    with pytest.raises(ConfigError, match="unknown hyperparameter") as refused:
+        TrainConfig.parse({"learning_rat": 1e-4})
+    assert refused.value.field == "learning_rat"
+    # the served model's name is the deployment's (SERVED_MODEL_NAME), not a hyperparameter
+    with pytest.raises(ConfigError, match="served_model_name"):
+        TrainConfig.parse({"served_model_name": "x"})
 
 
 def test_dpo_means_zero_anchor_weight() -> None:

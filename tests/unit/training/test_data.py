@@ -8,48 +8,18 @@ from typing import Any
 
 import pytest
 
+from foundation.pairs import Pair, PairError
 from worker.training.data import (
-    Pair,
-    PairError,
     collate,
     encode_pair,
     encode_prompt,
     encode_response,
     load_pairs_jsonl,
-    pair_from_dict,
 )
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def test_prompt_and_messages_forms() -> None:
-    pair = pair_from_dict({"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away."})
-    assert pair == Pair([{"role": "user", "content": "Hi?"}], "Hello!", "Go away.")
-    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
-    assert pair_from_dict({"messages": turns, "chosen": "a", "rejected": "b"}).messages == turns
-
-
-@pytest.mark.parametrize(
-    ("data", "message"),
-    [
-        ({"chosen": "a", "rejected": "b"}, "exactly one of"),
-        ({"prompt": "p", "messages": [], "chosen": "a", "rejected": "b"}, "exactly one of"),
-        ({"prompt": "p", "rejected": "b"}, "'chosen'"),
-        ({"prompt": "p", "chosen": "  ", "rejected": "b"}, "'chosen'"),
-        ({"prompt": "p", "chosen": "same", "rejected": "same"}, "identical"),
-        (
-            {"messages": [{"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b"},
-            "last",
-        ),
-        ({"messages": [{"role": "robot", "content": "x"}], "chosen": "a", "rejected": "b"}, "role"),
-        ([1, 2], "JSON object"),
-    ],
-)  # fmt: skip
-def test_bad_pairs_are_refused(data: Any, message: str) -> None:
-    with pytest.raises(PairError, match=message):
-        pair_from_dict(data)
 
 
 def test_jsonl_errors_name_the_line(tmp_path: Path) -> None:

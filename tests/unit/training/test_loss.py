@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worker.training.config import ANCHOR_FORMS
+from foundation.train_config import ANCHOR_FORMS
 from worker.training.loss import (
     BaseAnchor,
     anchor_hinge,

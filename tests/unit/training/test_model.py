@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from worker.training.model import ModelNotFoundError, model_identity, prepare_base_model
+from foundation.model import ModelNotFoundError, model_identity, prepare_base_model
 
 pytestmark = pytest.mark.slow
 

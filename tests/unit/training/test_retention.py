@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
+from foundation.model import model_identity
 from worker.training.cache import MemoryCache
 from worker.training.evaluate import general_mc_path, load_mc
 from worker.training.judge import fluency, is_degenerate
-from worker.training.model import model_identity
 from worker.training.retention import (
     FLUENCY_MAX_NEW_TOKENS,
     base_judged_answers,
@@ -43,7 +43,7 @@ def lora_model(model_dir: Path) -> Any:
     """The bundled model with a fresh LoRA adapter (B = 0: the same outputs as the base)."""
     from peft import LoraConfig, get_peft_model
 
-    from worker.training.model import load_model
+    from foundation.model import load_model
 
     config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
     return get_peft_model(load_model(model_dir), config).eval()
@@ -97,7 +97,7 @@ def test_a_wrecked_adapter_answers_degenerately(model_dir: Path, tokenizer: Any)
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from worker.training.model import load_model
+    from foundation.model import load_model
 
     config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
     model = get_peft_model(load_model(model_dir), config).eval()

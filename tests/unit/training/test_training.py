@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 import torch
 
+from foundation.model import model_identity
+from foundation.pairs import Pair
+from foundation.train_config import TrainConfig
 from tests.unit.training.helpers import make_pairs
 from worker.training.anchors import compute_anchors
 from worker.training.cache import MemoryCache
-from worker.training.config import TrainConfig
-from worker.training.data import Pair
 from worker.training.evaluate import MCQuestion
-from worker.training.model import model_identity
 from worker.training.trainer import TrainingCancelled, TrainResult, train
 
 pytestmark = pytest.mark.slow
@@ -37,9 +37,9 @@ TINY = TrainConfig(
     base_max_new_tokens=16,
     heldout_fraction=0.2,
     min_pairs_for_heldout=6,
-    served_model_name="tiny-served-name",
     seed=7,
 )
+SERVED_NAME = "tiny-served-name"
 
 MC_QUESTIONS = [
     MCQuestion("What is the capital of France?", ("Paris", "Berlin"), 0),
@@ -69,6 +69,7 @@ def runs(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Runs:
             on_step=state.steps.append if method == "bapo" else None,
             on_phase=state.phases.append if method == "bapo" else None,
             mc_questions=MC_QUESTIONS if method == "bapo" else None,
+            served_model_name=SERVED_NAME,
         )  # fmt: skip
     return state
 
@@ -119,7 +120,7 @@ def test_second_run_reuses_every_cached_value(runs: Runs) -> None:
 
 
 def test_one_more_pair_computes_only_that_pair(runs: Runs, model_dir: Path, tokenizer: Any) -> None:
-    from worker.training.model import load_model
+    from foundation.model import load_model
 
     extra = make_pairs([("Name a fruit.", "Arr, a banana, matey!", "A banana.")])
     anchors = compute_anchors(
@@ -133,7 +134,7 @@ def test_one_more_pair_computes_only_that_pair(runs: Runs, model_dir: Path, toke
 def test_saved_adapter_is_vllm_compatible_and_complete(runs: Runs) -> None:
     adapter = runs.results["bapo"].adapter_dir
     config = json.loads((adapter / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == "tiny-served-name"
+    assert config["base_model_name_or_path"] == SERVED_NAME
     assert config["use_dora"] is False and not config["modules_to_save"]
     assert config["r"] == 8 and set(config["target_modules"]) == set(TINY.target_modules)
     metrics = json.loads((adapter / "metrics.json").read_text())
@@ -183,8 +184,8 @@ def test_existing_output_folder_is_refused_before_any_work(model_dir: Path, tmp_
 def test_capped_base_answers_get_no_invented_end_of_turn(model_dir: Path, tokenizer: Any) -> None:
     """A base answer cut at base_max_new_tokens is anchored on exactly the tokens the model
     wrote (no end-of-turn); a finished one keeps the end-of-turn the model produced."""
+    from foundation.model import load_model
     from worker.training.data import encode_pair, encode_response
-    from worker.training.model import load_model
 
     model = load_model(model_dir)
     pairs = make_pairs([("Write a long essay about the history of Rome.", "Rome.", "No.")])

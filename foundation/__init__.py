@@ -1,0 +1,7 @@
+"""What the API (`app/`) and the worker (`worker/`) both need, in one leaf package.
+
+The bundled base model (location, preparation, identity, device, loading), the training contract
+(`TrainConfig` and its one `parse()`), and the preference `Pair` with its one validator and prompt
+hash. This package imports neither `app` nor `worker` (tests/unit/test_import_direction.py checks),
+and imports torch and transformers only inside the functions that need them.
+"""
