@@ -28,6 +28,7 @@ from tests.support import OPERATOR_KEY, Api, LiveServer, make_settings, postgres
 
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parents[1]
+BAPO = str(REPO_ROOT / ".venv" / "bin" / "bapo")
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
 WORKER_READY_TIMEOUT_S = 90.0
 
@@ -60,7 +61,7 @@ JOB_TIMEOUT_S = 240.0
 
 def model_dir() -> Path:
     """The bundled model folder (converted once into the repository's data/ if needed)."""
-    from worker.training.model import prepare_base_model
+    from foundation.model import prepare_base_model
 
     return prepare_base_model(Path(os.environ.get("BAPO_TEST_DATA_DIR") or REPO_ROOT / "data"))
 
@@ -69,6 +70,31 @@ def flushed_redis_url() -> str:
     """The test Redis database, emptied (it holds only this suite's queues)."""
     redis.Redis.from_url(TEST_REDIS_URL).flushdb()
     return TEST_REDIS_URL
+
+
+@contextmanager
+def operator_env(data_dir: Path, **extra: str) -> Iterator[dict[str, str]]:
+    """Service settings for the `bapo` CLI: a fresh migrated Postgres database, the test Redis."""
+    with postgres_database() as url:
+        yield {
+            **os.environ,
+            "DATABASE_URL": url,
+            "BROKER_URL": flushed_redis_url(),
+            "DATA_DIR": str(data_dir),
+            "LOG_JSON": "false",
+            **extra,
+        }
+
+
+def run_bapo(env: dict[str, str], *args: str, ok: bool = True) -> Any:
+    """Run the installed `bapo` command; with `ok`, expect success and return its parsed output."""
+    done = subprocess.run(
+        [BAPO, *args], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    if ok:
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout) if done.stdout.startswith(("{", "[")) else done.stdout
+    return done
 
 
 def settings_env(settings: Settings, **extra: str) -> dict[str, str]:

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
@@ -16,34 +13,15 @@ from sqlalchemy.orm import Session
 
 from app.models import Adapter, PreferencePair, TrainingJob
 from app.services import adapters as adapter_service
-from tests.support import postgres_database
-from tests.worker_support import REPO_ROOT, flushed_redis_url
-
-BAPO = str(REPO_ROOT / ".venv" / "bin" / "bapo")
+from tests.worker_support import operator_env
+from tests.worker_support import run_bapo as bapo
 
 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[dict[str, str]]:
     """Service settings for the CLI: a fresh migrated Postgres database, the test Redis."""
-    with postgres_database() as url:
-        yield {
-            **os.environ,
-            "DATABASE_URL": url,
-            "BROKER_URL": flushed_redis_url(),
-            "DATA_DIR": str(tmp_path),
-            "RETRAIN_MIN_NEW_PAIRS": "3",
-            "LOG_JSON": "false",
-        }
-
-
-def bapo(env: dict[str, str], *args: str, ok: bool = True) -> Any:
-    done = subprocess.run(
-        [BAPO, *args], env=env, capture_output=True, text=True, timeout=120, check=False
-    )
-    if ok:
-        assert done.returncode == 0, done.stderr
-        return json.loads(done.stdout) if done.stdout.startswith(("{", "[")) else done.stdout
-    return done
+    with operator_env(tmp_path, RETRAIN_MIN_NEW_PAIRS="3") as settings:
+        yield settings
 
 
 def add_pairs(env: dict[str, str], user_id: str, count: int) -> None:
