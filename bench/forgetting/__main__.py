@@ -10,7 +10,7 @@ from pathlib import Path
 from bench.forgetting.benchmark import run_benchmark, write_report
 from bench.forgetting.datasets import DATA_DIR_ENV, default_data_dir
 from bench.forgetting.plan import PLANS
-from worker.training.model import prepare_base_model
+from foundation.model import prepare_base_model
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -83,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         args.out = REPO_ROOT / "bench/results" / name
     import matplotlib  # noqa: F401  (fail now, not after hours of training)
 
-    if args.report_only:
-        write_report(args.out.resolve())
+    if args.report_only:  # README's block follows the full run's result only
+        full = args.out.resolve() == (REPO_ROOT / "bench/results/forgetting.json").resolve()
+        write_report(args.out.resolve(), readme=REPO_ROOT / "README.md" if full else None)
         return 0
     data_dir = (args.data_dir or default_data_dir(REPO_ROOT)).resolve()
     if not data_dir.is_dir():

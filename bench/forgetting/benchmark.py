@@ -307,14 +307,31 @@ def specs(
     return [RunSpec(phase, u, s, seed) for u in users for s in settings for seed in seeds]
 
 
-def write_report(out_path: Path, result: Record | None = None, make_plot: bool = True) -> None:
-    """The Markdown tables and the PNG next to the result JSON (read from it when not given)."""
-    if result is None:  # re-derive the selection and goal with the current rules
-        result = json.loads(out_path.read_text(encoding="utf-8"))
-        result["selection"], result["goal"] = decide(result["runs"])
+def write_report(
+    out_path: Path,
+    result: Record | None = None,
+    make_plot: bool = True,
+    readme: Path | None = None,
+) -> None:
+    """The Markdown tables and the PNG next to the result JSON (read from it when not given),
+    and README's forgetting block when `readme` is given."""
+    if result is None:
+        result = load_result(out_path)
     out_path.with_suffix(".md").write_text(report.markdown(result), encoding="utf-8")
     if make_plot:
         report.plot(result, out_path.with_suffix(".png"))
+    if readme is not None:
+        plot_path = os.path.relpath(out_path.with_suffix(".png"), readme.parent)
+        text = readme.read_text(encoding="utf-8")
+        section = report.readme_section(result, plot_path)
+        readme.write_text(report.replace_block(text, section), encoding="utf-8")
+
+
+def load_result(out_path: Path) -> Record:
+    """A recorded result with its selection and goal re-derived by the current rules."""
+    result: Record = json.loads(out_path.read_text(encoding="utf-8"))
+    result["selection"], result["goal"] = decide(result["runs"])
+    return result
 
 
 def assemble(

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from worker.training.data import Messages
+from foundation.pairs import Messages
 from worker.training.evaluate import MCQuestion, load_mc
 
 T = TypeVar("T")

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from bench.forgetting.datasets import ScoredPair
-from worker.training.config import TrainConfig
+from foundation.model import CausalLM
+from foundation.train_config import TrainConfig
 from worker.training.data import EncodedPair, encode_prompt, encode_response
 from worker.training.evaluate import (
     MCQuestion,
@@ -21,7 +22,6 @@ from worker.training.evaluate import (
     mc_hits,
 )
 from worker.training.logprobs import pair_logratios, score_sequences
-from worker.training.model import CausalLM
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.forgetting.users import SliceSizes
-from worker.training.config import TrainConfig
+from foundation.train_config import TrainConfig
 
 PHASES = ("dpo_tuning", "bapo_variants", "final")
 
@@ -126,7 +126,7 @@ class Plan:
             "base_batch_size": 16,  # generation only: larger batches generate faster on CPU
             **self.train_overrides,
         }
-        return TrainConfig.from_dict(values)
+        return TrainConfig.parse(values)
 
     def generation_config(self) -> TrainConfig:
         """The decoding settings of judged answers (greedy, gen_max_new_tokens), for the cache."""

@@ -12,6 +12,9 @@ from bench.forgetting import select
 Record = dict[str, Any]
 EXAMPLES_PER_USER = 2
 EXAMPLE_CHARS = 220
+README_EXAMPLE_CHARS = 60  # README stays under 20 KB with 2 examples × 3 answers × 10 users
+README_BEGIN = "<!-- forgetting:begin (written by python -m bench.forgetting --report-only) -->"
+README_END = "<!-- forgetting:end -->"
 
 
 def _pp(value: float | None, err: float | None = None) -> str:
@@ -230,10 +233,85 @@ def examples(result: Record) -> list[str]:
     return rows
 
 
-def _cut(text: str) -> str:
-    """One line, at most EXAMPLE_CHARS characters, Markdown-safe."""
+def _cut(text: str, limit: int = EXAMPLE_CHARS) -> str:
+    """One line, at most `limit` characters, Markdown-safe."""
     flat = " ".join(text.split()).replace("|", "/")
-    return flat if len(flat) <= EXAMPLE_CHARS else flat[: EXAMPLE_CHARS - 1] + "…"
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+# --- README section ---------------------------------------------------------------------------
+
+
+def readme_section(result: Record, plot_path: str = "bench/results/forgetting.png") -> str:
+    """README's forgetting block: the plot, the goal, the default against tuned DPO on the test
+    slices and two example answers per user (or, mid-run, how far the run is)."""
+    final = result["selection"].get("final", {})
+    image = f"![BAPO vs tuned DPO: validation frontier and test]({plot_path})"
+    lines = [README_BEGIN, "", image, ""]
+    if result["status"] != "done" or not final:
+        lines += [_progress(result), ""]
+    lines += [*goal_lines(result), ""]
+    if final:
+        lines += [*final_table(result), "", *readme_examples(result), ""]
+    lines += [
+        "Every table (per user, DPO grid, frontier, screening): "
+        "[bench/results/forgetting.md](bench/results/forgetting.md).",
+        "",
+        README_END,
+    ]
+    return "\n".join(lines)
+
+
+def _progress(result: Record) -> str:
+    """How many runs are recorded, by phase, and which selection is already made."""
+    phases: dict[str, int] = {}
+    for run in result["runs"]:
+        phases[run["phase"]] = phases.get(run["phase"], 0) + 1
+    counts = ", ".join(f"{n} {phase.replace('_', ' ')}" for phase, n in phases.items())
+    dpo = result["selection"]["dpo"].get("selected_key") or "not yet"
+    default = (result["selection"].get("default") or {}).get("selected_key") or "not yet"
+    return (
+        f"**Run in progress** ({result['status']}): {len(result['runs'])} runs recorded "
+        f"({counts or 'none'}). Tuned DPO: `{dpo}`; BAPO default from the runs so far: "
+        f"`{default}`."
+    )
+
+
+def readme_examples(result: Record) -> list[str]:
+    """Per user, the first test prompts' answers (base, tuned DPO, default; seed 0), one row
+    each, cut to README_EXAMPLE_CHARS."""
+    final = result["selection"]["final"]
+    rows = [
+        "Example answers (test prompts, greedy, seed 0, cut):",
+        "",
+        "| user | prompt | base | " + " | ".join(p["label"] for p in final.values()) + " |",
+        "|---|---|---|" + "---|" * len(final),
+    ]
+    prompts = {u["name"]: u.get("test_prompts", []) for u in result["users"]}
+    seed = min((r["seed"] for r in result["runs"] if r["phase"] == "final"), default=0)
+    for user in [u["name"] for u in result["users"]]:
+        by_key = {
+            r["setting_key"]: r
+            for r in result["runs"]
+            if r["phase"] == "final" and r["user"] == user and r["seed"] == seed
+        }
+        runs = [by_key[k] for k in final if k in by_key]
+        if len(runs) != len(final):
+            continue
+        for i in range(min(EXAMPLES_PER_USER, len(runs[0]["answers"]))):
+            prompt = prompts[user][i] if i < len(prompts[user]) else f"test prompt {i + 1}"
+            cells = [prompt, runs[0]["base_answers"][i], *(r["answers"][i] for r in runs)]
+            cut = [_cut(c, README_EXAMPLE_CHARS) for c in cells]
+            rows.append(f"| {user} | " + " | ".join(cut) + " |")
+    return rows
+
+
+def replace_block(text: str, block: str) -> str:
+    """`text` with its README_BEGIN … README_END block replaced by `block`."""
+    start, end = text.find(README_BEGIN), text.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(f"no {README_BEGIN!r} … {README_END!r} block to replace")
+    return text[:start] + block + text[end + len(README_END) :]
 
 
 def screening_table(result: Record) -> list[str]:

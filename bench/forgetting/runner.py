@@ -18,10 +18,12 @@ from bench.forgetting import datasets, measures
 from bench.forgetting.datasets import ScoredPair
 from bench.forgetting.plan import Plan, Setting
 from bench.forgetting.users import DIMENSIONS, User, dimension_users, dsp_users, pole_responses
+from foundation.model import CausalLM, load_model, load_tokenizer, model_identity
+from foundation.pairs import Messages, Pair
+from foundation.train_config import TrainConfig
 from worker.training.anchors import Generation, cached_generations, compute_anchors
 from worker.training.cache import JsonFileCache, KeyValueCache, MemoryCache
-from worker.training.config import TrainConfig
-from worker.training.data import EncodedPair, Messages, Pair, encode_pair, encode_response
+from worker.training.data import EncodedPair, encode_pair, encode_response
 from worker.training.evaluate import MCQuestion
 from worker.training.judge import (
     FLUENCY_RULE,
@@ -31,7 +33,6 @@ from worker.training.judge import (
     length_band,
     persona_scores,
 )
-from worker.training.model import CausalLM, load_model, load_tokenizer, model_identity
 from worker.training.trainer import TrainResult, train
 
 Log = Callable[[str], None]

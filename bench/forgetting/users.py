@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from bench.forgetting.datasets import DSP_DOMAINS, DSPRecord, seeded_sample
+from foundation.model import CausalLM
+from foundation.pairs import Messages, Pair
+from foundation.train_config import TrainConfig
 from worker.training.anchors import cached_generations
 from worker.training.cache import KeyValueCache
-from worker.training.config import TrainConfig
-from worker.training.data import Messages, Pair
 from worker.training.judge import with_instruction
-from worker.training.model import CausalLM
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

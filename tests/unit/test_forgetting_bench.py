@@ -220,7 +220,8 @@ def test_mc_outcomes_match_the_engine(model_path: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_tiny_benchmark_end_to_end_and_resume(model_path: Path, tmp_path: Path) -> None:
-    from bench.forgetting.benchmark import run_benchmark
+    from bench.forgetting import report
+    from bench.forgetting.benchmark import run_benchmark, write_report
     from worker.training.judge import FLUENCY_RULE
 
     out = tmp_path / "results" / "forgetting.json"
@@ -260,6 +261,14 @@ def test_tiny_benchmark_end_to_end_and_resume(model_path: Path, tmp_path: Path) 
     for run in result["runs"]:
         assert run["fluency"]["rule"] == FLUENCY_RULE
         assert len(run["fluency"]["tokens"]) == len(run["answer_ids"]) == 2
+    readme = tmp_path / "README.md"  # the README block: plot, goal, final table, examples
+    readme.write_text(f"# t\n\n{report.README_BEGIN}\nold\n{report.README_END}\n\n## next\n")
+    write_report(out, readme=readme)
+    block = readme.read_text()
+    assert "old" not in block and block.endswith("## next\n")
+    for part in ("(results/forgetting.png)", "Goal", "**Test**", "Example answers"):
+        assert part in block, block
+    assert block.count("| dsp:literature |") == 2, block  # two example prompts, one user
     # resume: drop the last run from the file; a second invocation trains only that one; a run
     # recorded under an older fluency rule (no rule, no token ids) is judged again from its text
     recorded = json.loads(out.read_text())
@@ -277,6 +286,20 @@ def test_tiny_benchmark_end_to_end_and_resume(model_path: Path, tmp_path: Path) 
     assert rejudged["degenerate"] == result["runs"][0]["fluency"]["degenerate"]
     assert rejudged["nll"] == pytest.approx(result["runs"][0]["fluency"]["nll"], abs=0.05)
     assert "rejudged" not in again["runs"][1]["fluency"]
+
+
+def test_readme_forgetting_block_is_the_recorded_result() -> None:
+    """README's block is what --report-only writes from bench/results/forgetting.json."""
+    from bench.forgetting import report
+    from bench.forgetting.benchmark import load_result
+
+    result = load_result(REPO_ROOT / "bench/results/forgetting.json")
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    block = text[text.index(report.README_BEGIN) : text.index(report.README_END)]
+    expected = report.readme_section(result, "bench/results/forgetting.png")
+    assert block + report.README_END == expected, "run python -m bench.forgetting --report-only"
+    with pytest.raises(ValueError, match=r"no .* block"):
+        report.replace_block("# no block here\n", expected)
 
 
 def test_dimension_users_swap_poles_and_skip_identical_answers() -> None:

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-# Messages and Pair are imported at run time: bench/forgetting imports them from here.
 from foundation.pairs import Messages, Pair, PairError, pair_from_dict
 
 if TYPE_CHECKING:
