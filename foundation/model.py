@@ -8,13 +8,11 @@ import fcntl
 import functools
 import hashlib
 import importlib.util
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from foundation.files import publish_permissions
+from foundation.files import atomic_folder
 
 if TYPE_CHECKING:
     import torch
@@ -110,15 +108,9 @@ def _convert_bundled(target: Path) -> None:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
     plain.generation_config = loaded.generation_config
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        publish_permissions(tmp)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def model_identity(path: Path, device: torch.device | None = None) -> str:

@@ -84,7 +84,7 @@ def _gc_adapters(args: argparse.Namespace) -> int:
 
     with _session_scope() as session:
         collected = operations.collect_adapters(
-            session, get_settings().adapters_path, dry_run=args.dry_run
+            session, get_settings().adapter_store, dry_run=args.dry_run
         )
     print(
         json.dumps(

@@ -1,10 +1,11 @@
 """Running one training job: claim → pairs → train (BAPO engine) → retention gate → publish.
 
 Publishing: the engine writes the adapter completely into a hidden staging folder of the user's
-adapter store; in the transaction that records it, the folder is renamed to `v<N>` (atomic on one
-filesystem) just before the commit. A crash before the rename leaves only a hidden folder (the
-reaper deletes it); a crash between rename and commit leaves an unrecorded `v<N>` that is never
-listed nor loaded (adapters are listed from the database) and is replaced by the next publish.
+adapter store (foundation.adapter_store); in the transaction that records it, the folder is renamed
+to `v<N>` (atomic on one filesystem) just before the commit. A crash before the rename leaves only a
+hidden folder (the reaper deletes it); a crash between rename and commit leaves an unrecorded `v<N>`
+that is never listed nor loaded (adapters are listed from the database) and is replaced by the next
+publish.
 
 The engine (and torch) is imported inside the functions that need it: the worker starts fast and
 the maintenance tasks never load it.
@@ -13,7 +14,6 @@ the maintenance tasks never load it.
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,7 +57,8 @@ def _run_claimed(job: RunningJob) -> str:
     """Run a claimed job and record how it ended; non-transient errors are re-raised."""
     from worker.training.trainer import TrainingCancelled
 
-    staging = job_service.staging_dir(job.settings.adapters_path, job.claim)
+    claim, store = job.claim, job.settings.adapter_store
+    staging = store.staging_folder(claim.user_id, claim.job_id, claim.attempt)
     try:
         version = _train_gate_publish(job, staging)
         log.info("job %s succeeded: adapter v%d", job.claim.job_id, version)
@@ -70,9 +71,7 @@ def _run_claimed(job: RunningJob) -> str:
         _record_failure(job, exc)
         raise
     finally:
-        job_service.remove_staging(
-            job.settings.adapters_path, job.claim.user_id, job.claim.job_id, job.claim.attempt
-        )
+        store.remove_staging(staging)
 
 
 def _train_gate_publish(job: RunningJob, staging: Path) -> int:
@@ -85,9 +84,7 @@ def _train_gate_publish(job: RunningJob, staging: Path) -> int:
     job.total_steps = _planned_steps(pairs, config)
     job.on_phase("preparing_model")
     model_path = prepare_base_model(job.settings.data_dir, job.settings.base_model)
-    job_service.remove_staging(
-        job.settings.adapters_path, job.claim.user_id, job.claim.job_id, job.claim.attempt
-    )  # leftovers of a crashed run of this attempt
+    job.settings.adapter_store.remove_staging(staging)  # leftovers of a crashed run of this attempt
     result = train(
         model_path,
         pairs,
@@ -181,7 +178,7 @@ def job_metrics(
 
 def publish(job: RunningJob, staging: Path, metrics: dict[str, Any], verdict: GateVerdict) -> int:
     """Rename staging → v<N>, record the adapter (active if the gate passed), finish the job."""
-    from app.services.adapters import adapter_folder, next_version, register_adapter
+    from app.services.adapters import publish_adapter
 
     claim = job.claim
     with transaction(job.factory) as session:
@@ -190,23 +187,17 @@ def publish(job: RunningJob, staging: Path, metrics: dict[str, Any], verdict: Ga
             job.lost = True
             raise JobStopped("lost")
         job.check_stop()
-        version = next_version(session, claim.user_id)
-        final = adapter_folder(job.settings.adapters_path, claim.user_id, version)
-        if final.exists():  # unrecorded: a run crashed between its rename and its commit
-            shutil.rmtree(final)
-        staging.rename(final)  # complete before it is recorded; see the module docstring
-        adapter = register_adapter(
+        adapter = publish_adapter(  # complete before it is recorded; see the module docstring
             session,
+            job.settings.adapter_store,
             claim.user_id,
-            final,
+            staging,
             job_id=claim.job_id,
             method=job_row.method,
             metrics=metrics,
             gate_passed=verdict.passed,
             gate_reason=verdict.reason,
         )
-        if adapter.version != version:  # rolls back: the folder name must match the version
-            raise RuntimeError(f"adapter recorded as v{adapter.version} but written as {final}")
         job_service.add_event(session, claim.job_id, "gate", finite(asdict(verdict)))
         job_service.finish_job(
             session, claim, "succeeded", metrics=metrics, adapter_version=adapter.version

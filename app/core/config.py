@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.core.train_limits import limit_violations
+from foundation.adapter_store import AdapterStore
 from foundation.model import DEFAULT_SERVED_MODEL_NAME
 from foundation.pairs import PairLimits
 from foundation.train_config import ConfigError, TrainConfig
@@ -276,6 +277,11 @@ class Settings(BaseSettings):
         """The adapter store folder (never None after validation)."""
         assert self.adapter_dir is not None
         return self.adapter_dir
+
+    @property
+    def adapter_store(self) -> AdapterStore:
+        """The adapter store at ADAPTER_DIR (foundation.adapter_store)."""
+        return AdapterStore(self.adapters_path)
 
 
 @lru_cache

@@ -1,11 +1,9 @@
 """Adapter versions: publish (for the training worker), list, activate, and choose one to serve.
 
 Adapters are immutable: version N of a user is the folder `ADAPTER_DIR/<user>/v<N>` served under the
-name `user-<id>-v<N>`, and a name is never reused for other weights: issuing a version raises the
-user id's version floor, which no deletion lowers, and the next version is always above it.
-
-The database stores each folder relative to the adapter store (`<user>/v<N>`), resolved against this
-process's ADAPTER_DIR when used, so nodes may mount the store at different paths.
+name `user-<id>-v<N>`, and a name is never reused for other weights (app.services.adapter_versions).
+Where folders live and how one is published whole is the adapter store's (foundation.adapter_store);
+the database records each folder relative to the store, so nodes may mount it at different paths.
 
 An explicit activation pins the user's choice: publishing then records new versions without
 activating them, until the user activates the newest version or unpins.
@@ -15,18 +13,25 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import Any
+from pathlib import Path
+from typing import Any, TypedDict, Unpack
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.errors import Conflict, InvalidRequest, NotFound
 from app.inference.base import AdapterRef
-from app.models import Adapter, AdapterVersionFloor
+from app.models import Adapter
 from app.services import users as user_service
+from app.services.adapter_versions import newest_version, next_version, raise_floor
+from foundation.adapter_store import (
+    ADAPTER_CONFIG,
+    AdapterStore,
+    is_complete,
+    is_version_folder,
+    relative_path,
+)
 
-ADAPTER_CONFIG = "adapter_config.json"
 VERSION_RE = re.compile(r"v?([1-9][0-9]{0,8})")
 ACTIVE = "active"
 BASE = "base"
@@ -35,11 +40,6 @@ BASE = "base"
 def adapter_name(user_id: str, version: int) -> str:
     """The immutable serving name of a version: `user-<id>-v<N>`."""
     return f"user-{user_id}-v{version}"
-
-
-def adapter_folder(adapter_root: Path, user_id: str, version: int) -> Path:
-    """Where version N of a user's adapter lives: ADAPTER_DIR/<user_id>/v<N>."""
-    return adapter_root / user_id / f"v{version}"
 
 
 def name_pattern(user_id: str) -> re.Pattern[str]:
@@ -61,31 +61,6 @@ def parse_selector(text: str) -> str | int:
     return int(match.group(1))
 
 
-def stored_path(user_id: str, version: int) -> str:
-    """How the database records a version's folder: relative to the store, `<user_id>/v<N>`."""
-    return str(PurePosixPath(user_id, f"v{version}"))
-
-
-def next_version(session: Session, user_id: str) -> int:
-    """The user's next version number: above every version ever issued for this user id.
-
-    Locks the user id's floor row (Postgres), so concurrent publishers wait for each other.
-    """
-    floor = session.get(AdapterVersionFloor, user_id, with_for_update=True)
-    # Rows kept from before every issue raised the floor (migration 0004 backfills those too).
-    latest = session.scalar(select(func.max(Adapter.version)).where(Adapter.user_id == user_id))
-    return max(int(latest or 0), floor.last_version if floor else 0) + 1
-
-
-def _raise_floor(session: Session, user_id: str, version: int) -> None:
-    """Record `version` as issued: no later version of this user id is numbered at or below it."""
-    floor = session.get(AdapterVersionFloor, user_id)
-    if floor is None:
-        session.add(AdapterVersionFloor(user_id=user_id, last_version=version))
-    else:
-        floor.last_version = max(floor.last_version, version)
-
-
 def register_adapter(
     session: Session,
     user_id: str,
@@ -102,18 +77,18 @@ def register_adapter(
     It becomes active if it passed the gate and the user has not pinned their choice.
     """
     user = user_service.get_user(session, user_id)
-    if not (path / ADAPTER_CONFIG).is_file():
+    if not is_complete(path):
         raise InvalidRequest(
             f"{path} is not a complete adapter folder (no {ADAPTER_CONFIG})", "adapter_incomplete"
         )
     version = next_version(session, user_id)
-    relative = stored_path(user_id, version)
-    if path.parts[-2:] != PurePosixPath(relative).parts:
+    relative = relative_path(user_id, version)
+    if not is_version_folder(path, user_id, version):
         raise InvalidRequest(
             f"{path} is not the folder of v{version}: it must be <adapter store>/{relative}",
             "adapter_misplaced",
         )
-    _raise_floor(session, user_id, version)
+    raise_floor(session, user_id, version)
     adapter = Adapter(
         user_id=user_id,
         version=version,
@@ -130,6 +105,28 @@ def register_adapter(
         user.active_adapter_version = version
     session.flush()
     return adapter
+
+
+class AdapterRecord(TypedDict):
+    """What register_adapter records about a version besides its folder."""
+
+    job_id: str | None
+    method: str
+    metrics: dict[str, Any] | None
+    gate_passed: bool
+    gate_reason: str | None
+
+
+def publish_adapter(
+    session: Session,
+    store: AdapterStore,
+    user_id: str,
+    staging: Path,
+    **record: Unpack[AdapterRecord],
+) -> Adapter:
+    """Rename a complete staging folder to the user's next version, then record that version."""
+    folder = store.publish(staging, user_id, next_version(session, user_id))
+    return register_adapter(session, user_id, folder, **record)
 
 
 def list_adapters(session: Session, user_id: str) -> list[Adapter]:
@@ -163,12 +160,12 @@ class AdapterListing:
     pinned: bool
 
 
-def listing(session: Session, user_id: str, adapter_root: Path) -> AdapterListing:
+def listing(session: Session, user_id: str, store: AdapterStore) -> AdapterListing:
     """The user's versions, each marked active or not and available (files present) or not."""
     rows = list_adapters(session, user_id)
     user = user_service.get_user(session, user_id)
     active = user.active_adapter_version
-    data = [ListedAdapter(a, a.version == active, is_available(a, adapter_root)) for a in rows]
+    data = [ListedAdapter(a, a.version == active, is_available(a, store)) for a in rows]
     return AdapterListing(data, active, user.active_adapter_pinned)
 
 
@@ -190,7 +187,7 @@ class Activation:
     previous_name: str | None
 
 
-def activate(session: Session, user_id: str, selector: str, adapter_root: Path) -> Activation:
+def activate(session: Session, user_id: str, selector: str, store: AdapterStore) -> Activation:
     """Make a version (or 'base') the one served by default; refuses unknown or missing versions.
 
     The choice is pinned (publishing stops activating new versions) unless it is the user's
@@ -205,9 +202,11 @@ def activate(session: Session, user_id: str, selector: str, adapter_root: Path) 
         )
     adapter = None if target == BASE else get_adapter(session, user_id, int(target))
     if adapter is not None:
-        require_files(adapter, adapter_root)
+        require_files(adapter, store)
     user.active_adapter_version = adapter.version if adapter else None
-    user.active_adapter_pinned = adapter is None or adapter.version != _newest(session, user_id)
+    user.active_adapter_pinned = adapter is None or adapter.version != newest_version(
+        session, user_id
+    )
     session.flush()
     previous_name = adapter_name(user_id, previous) if previous is not None else None
     return Activation(adapter, previous_name)
@@ -219,37 +218,23 @@ def unpin(session: Session, user_id: str) -> None:
     session.flush()
 
 
-def _newest(session: Session, user_id: str) -> int | None:
-    """The user's highest recorded version."""
-    return session.scalar(select(func.max(Adapter.version)).where(Adapter.user_id == user_id))
+def adapter_path(adapter: Adapter, store: AdapterStore) -> Path:
+    """The version's folder on this node (foundation.adapter_store: AdapterStore.locate)."""
+    return store.locate(adapter.path, adapter.user_id, adapter.version)
 
 
-def adapter_path(adapter: Adapter, adapter_root: Path) -> Path:
-    """The version's folder on this node: its stored path under the adapter store.
-
-    Rows written before paths were stored relative hold the writer's absolute folder: that one
-    while it is complete, else the same version's folder under this node's store.
-    """
-    stored = Path(adapter.path)
-    if not stored.is_absolute():
-        return adapter_root.resolve() / stored  # absolute: vLLM resolves it in its own cwd
-    if (stored / ADAPTER_CONFIG).is_file():
-        return stored
-    return adapter_folder(adapter_root.resolve(), adapter.user_id, adapter.version)
-
-
-def require_files(adapter: Adapter, adapter_root: Path) -> None:
+def require_files(adapter: Adapter, store: AdapterStore) -> None:
     """Conflict when the version's folder is gone: it cannot be served."""
-    if not is_available(adapter, adapter_root):
+    if not is_available(adapter, store):
         raise Conflict(
-            f"Adapter v{adapter.version} has no files at {adapter_path(adapter, adapter_root)}",
+            f"Adapter v{adapter.version} has no files at {adapter_path(adapter, store)}",
             "adapter_files_missing",
         )
 
 
-def is_available(adapter: Adapter, adapter_root: Path) -> bool:
+def is_available(adapter: Adapter, store: AdapterStore) -> bool:
     """True when the adapter's folder is complete on this node."""
-    return (adapter_path(adapter, adapter_root) / ADAPTER_CONFIG).is_file()
+    return is_complete(adapter_path(adapter, store))
 
 
 @dataclass(frozen=True)
@@ -271,7 +256,7 @@ class ServedAdapter:
         return f"user:{self.user_id}:" + (f"v{self.version}" if self.adapter else BASE)
 
 
-def resolve(session: Session, user_id: str, selector: str, adapter_root: Path) -> ServedAdapter:
+def resolve(session: Session, user_id: str, selector: str, store: AdapterStore) -> ServedAdapter:
     """The adapter to serve for 'active' (base if none), 'base' or a version; 404 if unknown."""
     user = user_service.get_user(session, user_id)
     target = parse_selector(selector)
@@ -280,6 +265,6 @@ def resolve(session: Session, user_id: str, selector: str, adapter_root: Path) -
     if target == BASE:
         return ServedAdapter(user_id, None, user.active_adapter_version is None)
     adapter = get_adapter(session, user_id, int(target))
-    require_files(adapter, adapter_root)
-    ref = AdapterRef(adapter.name, adapter_path(adapter, adapter_root), adapter.version)
+    require_files(adapter, store)
+    ref = AdapterRef(adapter.name, adapter_path(adapter, store), adapter.version)
     return ServedAdapter(user_id, ref, adapter.version == user.active_adapter_version)

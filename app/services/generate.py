@@ -109,7 +109,7 @@ class GenerateHandler:
         max_tokens: int | None,
     ) -> GenerateCall:
         """Check the limits, resolve the adapter (404 for unknown users and versions)."""
-        served = adapter_service.resolve(session, user_id, selector, self.settings.adapters_path)
+        served = adapter_service.resolve(session, user_id, selector, self.settings.adapter_store)
         request = self._request(messages, sampling, max_tokens)
         self._note_served(served)
         return GenerateCall(served, request)
@@ -211,7 +211,7 @@ class GenerateHandler:
     def activate(self, session: Session, user_id: str, selector: str) -> adapter_service.Activation:
         """Activate a version; after commit, the previous one is unloaded once idle."""
         activation = adapter_service.activate(
-            session, user_id, selector, self.settings.adapters_path
+            session, user_id, selector, self.settings.adapter_store
         )
         after_commit(session, lambda: self._activated(user_id, activation))
         return activation

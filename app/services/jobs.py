@@ -9,10 +9,8 @@ changes nothing and learns that it must stop. Nothing here commits.
 from __future__ import annotations
 
 import secrets
-import shutil
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import ColumnElement, func, literal, select, tuple_, update
@@ -469,22 +467,3 @@ def release_job(
 def _rowcount(result: Any) -> int:
     """Rows matched by an UPDATE (typed accessor for mypy)."""
     return int(getattr(result, "rowcount", 0) or 0)
-
-
-# --- the adapter store's staging folders ----------------------------------------------------------
-
-
-def staging_dir(adapters_path: Path, claim: Claim) -> Path:
-    """Where one attempt of a job writes its adapter before publishing (hidden: never a version)."""
-    return adapters_path / claim.user_id / f".staging-{claim.job_id}-a{claim.attempt}"
-
-
-def remove_staging(
-    adapters_path: Path, user_id: str, job_id: str, attempt: int | None = None
-) -> None:
-    """Delete a job's staging folder(s) and the engine's temp siblings of them."""
-    name = f"staging-{job_id}-a{attempt if attempt is not None else '*'}"
-    folder = adapters_path / user_id
-    for pattern in (f".{name}", f"..{name}.tmp-*"):
-        for path in folder.glob(pattern):
-            shutil.rmtree(path, ignore_errors=True)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, func, select
@@ -18,6 +16,7 @@ from app.models import Adapter, PreferencePair, User
 from app.services import adapters as adapter_service
 from app.services import feedback as feedback_service
 from app.services import users as user_service
+from foundation.adapter_store import AdapterStore, remove
 from foundation.pairs import PairError, PairLimits, pair_from_dict
 
 EXPORT_FORMAT = "bapo-user-export"
@@ -64,7 +63,7 @@ def versions_to_collect(versions: list[int], active: int | None) -> list[int]:
 
 
 def collect_adapters(
-    session: Session, adapter_root: Path, *, dry_run: bool
+    session: Session, store: AdapterStore, *, dry_run: bool
 ) -> dict[str, list[int]]:
     """Delete unneeded adapter versions (rows now, folders after commit); what was collected."""
     collected: dict[str, list[int]] = {}
@@ -81,8 +80,8 @@ def collect_adapters(
             )
         )
         for adapter in adapters:
-            folder = adapter_service.adapter_path(adapter, adapter_root)
-            after_commit(session, partial(shutil.rmtree, folder, ignore_errors=True))
+            folder = adapter_service.adapter_path(adapter, store)
+            after_commit(session, partial(remove, folder))
         session.execute(
             delete(Adapter).where(Adapter.user_id == row.id, Adapter.version.in_(doomed))
         )

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from pathlib import Path
 
 import redis
 from sqlalchemy import ColumnElement, Subquery, case, exists, func, select, update
@@ -20,6 +19,7 @@ from app.core.errors import AppError
 from app.models import ACTIVE_JOB_STATUSES, PreferencePair, TrainingJob, utcnow
 from app.queue import enqueue_training, training_messages
 from app.services import jobs as job_service
+from foundation.adapter_store import AdapterStore
 
 log = logging.getLogger(__name__)
 RESEND_BATCH = 100  # most lost messages one reaper pass re-sends
@@ -140,7 +140,7 @@ def _reap_one(
         bucket = report.requeued if outcome == "queued" else report.failed
     if outcome != "lost":
         bucket.append(job.id)
-        _clean_staging_after_commit(session, settings.adapters_path, claim)
+        _clean_staging_after_commit(session, settings.adapter_store, claim)
 
 
 def _still_matches(
@@ -161,14 +161,11 @@ def _still_matches(
 
 
 def _clean_staging_after_commit(
-    session: Session, adapters_path: Path, claim: job_service.Claim
+    session: Session, store: AdapterStore, claim: job_service.Claim
 ) -> None:
-    after_commit(
-        session,
-        lambda: job_service.remove_staging(
-            adapters_path, claim.user_id, claim.job_id, claim.attempt
-        ),
-    )
+    """Delete the attempt's staging folder once its release or end is committed."""
+    staging = store.staging_folder(claim.user_id, claim.job_id, claim.attempt)
+    after_commit(session, lambda: store.remove_staging(staging))
 
 
 def _resend_lost(session: Session, settings: Settings, now: datetime, report: ReapReport) -> None:

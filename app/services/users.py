@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import secrets
-import shutil
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
@@ -17,7 +15,6 @@ from app.core.errors import Conflict, NotFound
 from app.core.security import generate_api_key, hash_key, validate_user_id
 from app.models import (
     Adapter,
-    AdapterVersionFloor,
     ApiKey,
     IdempotencyRecord,
     JobEvent,
@@ -25,7 +22,9 @@ from app.models import (
     TrainingJob,
     User,
 )
+from app.services import adapter_versions
 from app.services.pagination import RowPage, paginate
+from foundation.adapter_store import AdapterStore
 
 
 @dataclass(frozen=True)
@@ -79,7 +78,7 @@ def list_users(session: Session, limit: int, after: str | None) -> RowPage[UserS
     return page.map(lambda user: summarize(session, user))
 
 
-def delete_user(session: Session, user_id: str, adapter_root: Path) -> None:
+def delete_user(session: Session, user_id: str, store: AdapterStore) -> None:
     """Erase the user: pairs, keys, jobs, events, adapters, and (after commit) adapter files."""
     get_user(session, user_id)
     _keep_version_floor(session, user_id)
@@ -88,20 +87,14 @@ def delete_user(session: Session, user_id: str, adapter_root: Path) -> None:
     for model in (TrainingJob, Adapter, PreferencePair, IdempotencyRecord, ApiKey):
         session.execute(delete(model).where(model.user_id == user_id))
     session.execute(delete(User).where(User.id == user_id))
-    folder = adapter_root / user_id
-    after_commit(session, lambda: shutil.rmtree(folder, ignore_errors=True))
+    after_commit(session, lambda: store.remove_user(user_id))
 
 
 def _keep_version_floor(session: Session, user_id: str) -> None:
     """Remember the user's last adapter version so a re-created user never reuses its names."""
-    latest = session.scalar(select(func.max(Adapter.version)).where(Adapter.user_id == user_id))
-    if latest is None:
-        return
-    floor = session.get(AdapterVersionFloor, user_id)
-    if floor is None:
-        session.add(AdapterVersionFloor(user_id=user_id, last_version=latest))
-    else:
-        floor.last_version = max(floor.last_version, latest)
+    latest = adapter_versions.newest_version(session, user_id)
+    if latest is not None:
+        adapter_versions.raise_floor(session, user_id, latest)
 
 
 def user_for_key(session: Session, key: str) -> str | None:

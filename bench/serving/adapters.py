@@ -54,12 +54,13 @@ def publish(
 
     from app.core.db import make_sessionmaker, transaction
     from app.services import adapters as adapter_service
+    from foundation.adapter_store import AdapterStore
 
     engine = create_engine(database_url)
     try:
         with transaction(make_sessionmaker(engine)) as session:
             version = adapter_service.next_version(session, user_id)
-            target = adapter_service.adapter_folder(adapter_root, user_id, version)
+            target = AdapterStore(adapter_root).version_folder(user_id, version)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copytree(folder, target)
             adapter = adapter_service.register_adapter(

@@ -55,7 +55,7 @@ def publish(server: LiveServer, user_id: str, folder: Path, *, gate_passed: bool
     """What the training worker does: copy into ADAPTER_DIR/<user>/v<N>, then register_adapter."""
     with transaction(app_state(server.app).session_factory) as session:
         version = adapter_service.next_version(session, user_id)
-        target = adapter_service.adapter_folder(server.settings.adapters_path, user_id, version)
+        target = server.settings.adapter_store.version_folder(user_id, version)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(folder, target)
         adapter = adapter_service.register_adapter(

@@ -1,8 +1,11 @@
-"""The adapter store can move: adapter paths are kept relative to ADAPTER_DIR, resolved at use.
+"""The adapter store with its database: publishing, GC, and moving the store.
 
-A shared volume may be mounted at different paths on different nodes (or moved to a new disk).
-Here the store is copied from one folder to another, the original removed, and the app started
-again on the same Postgres database with ADAPTER_DIR pointing at the copy.
+Publishing through the store never reuses a version, not after a GC nor after a crash between the
+rename and the commit. The store can move: adapter paths are kept relative to ADAPTER_DIR, resolved
+at use. A shared volume may be mounted at different paths on different nodes (or moved to a new
+disk): here the store is copied from one folder to another, the original removed, and the app
+started again on the same Postgres database with ADAPTER_DIR pointing at the copy.
+(tests/unit/test_adapter_store.py tests the store's folders alone.)
 """
 
 from __future__ import annotations
@@ -16,12 +19,17 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.api.state import app_state
 from app.core.config import Settings
-from app.core.db import transaction
+from app.core.db import make_engine, make_sessionmaker, transaction
 from app.models import Adapter
 from app.services import adapters as adapter_service
+from app.services import operations
+from app.services import users as user_service
+from foundation.adapter_store import ADAPTER_CONFIG, AdapterStore
+from foundation.files import atomic_folder
 from tests.integration.generation_support import (
     build_adapters,
     generated,
@@ -55,6 +63,72 @@ def move_store(source: Path, target: Path) -> None:
     """Copy the whole store to its new place and remove the old one (nothing may point there)."""
     shutil.copytree(source, target)
     shutil.rmtree(source)
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised inside a publishing transaction: the process "dies" before the commit."""
+
+
+def publish_staged(
+    factory: sessionmaker[Session], store: AdapterStore, user_id: str, weights: bytes
+) -> int:
+    """What the worker does: write a staging folder whole, then publish it in one transaction."""
+    staging = store.staging_folder(user_id, f"job_{weights.hex()}", 1)
+    with atomic_folder(staging) as tmp:
+        (tmp / "adapter_model.safetensors").write_bytes(weights)
+        (tmp / ADAPTER_CONFIG).write_text("{}")
+    with transaction(factory) as session:
+        adapter = adapter_service.publish_adapter(
+            session,
+            store,
+            user_id,
+            staging,
+            job_id=None,
+            method="bapo",
+            metrics=None,
+            gate_passed=True,
+            gate_reason=None,
+        )
+        return adapter.version
+
+
+def weights_of(store: AdapterStore, user_id: str) -> dict[str, bytes]:
+    """Each version folder of the user and the weights it holds."""
+    return {
+        p.name: (p / "adapter_model.safetensors").read_bytes()
+        for p in sorted(store.user_folder(user_id).glob("v*"))
+    }
+
+
+def test_published_versions_are_never_reused_after_gc_or_a_crash(
+    database: str, tmp_path: Path
+) -> None:
+    settings = make_settings(tmp_path, database)
+    store, engine = settings.adapter_store, make_engine(settings)
+    factory = make_sessionmaker(engine)
+    with transaction(factory) as session:
+        user_service.create_user(session, "gc")
+    assert [publish_staged(factory, store, "gc", bytes([n])) for n in (1, 2, 3, 4)] == [1, 2, 3, 4]
+    with transaction(factory) as session:
+        adapter_service.activate(session, "gc", "v2", store)
+    with transaction(factory) as session:
+        assert operations.collect_adapters(session, store, dry_run=False) == {"gc": [3, 4]}
+    assert publish_staged(factory, store, "gc", b"\x05") == 5
+    with pytest.raises(SimulatedCrash), transaction(factory) as session:
+        staging = store.staging_folder("gc", "job_crash", 1)
+        with atomic_folder(staging) as tmp:
+            (tmp / ADAPTER_CONFIG).write_text("{}")
+            (tmp / "adapter_model.safetensors").write_bytes(b"unrecorded")
+        adapter_service.publish_adapter(
+            session, store, "gc", staging, job_id=None, method="bapo", metrics=None,
+            gate_passed=True, gate_reason=None,
+        )  # fmt: skip
+        raise SimulatedCrash
+    assert weights_of(store, "gc")["v6"] == b"unrecorded"  # renamed, never recorded nor listed
+    assert publish_staged(factory, store, "gc", b"\x06") == 6
+    assert weights_of(store, "gc") == {"v1": b"\x01", "v2": b"\x02", "v5": b"\x05", "v6": b"\x06"}
+    assert [e.name for e in store.user_folder("gc").iterdir() if e.name.startswith(".")] == []
+    engine.dispose()
 
 
 def only_row(listing: dict[str, Any]) -> dict[str, Any]:
@@ -106,7 +180,7 @@ def test_rows_with_absolute_paths_from_older_releases_follow_the_store(
     with node(make_settings(tmp_path / "a", database, adapter_dir=old_root)) as (server, api):
         user_id, headers = api.create_user("legacy")
         with transaction(app_state(server.app).session_factory) as session:
-            folder = adapter_service.adapter_folder(old_root, user_id, 1)
+            folder = AdapterStore(old_root).version_folder(user_id, 1)
             folder.mkdir(parents=True)
             (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
             adapter_service.register_adapter(

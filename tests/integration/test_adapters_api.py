@@ -29,7 +29,7 @@ def publish(server: LiveServer, user_id: str, *, gate_passed: bool = True) -> Pa
     """Write a (config-only) adapter folder where the worker would, and register it."""
     with transaction(app_state(server.app).session_factory) as session:
         version = adapter_service.next_version(session, user_id)
-        folder = adapter_service.adapter_folder(server.settings.adapters_path, user_id, version)
+        folder = server.settings.adapter_store.version_folder(user_id, version)
         folder.mkdir(parents=True)
         (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
         adapter = adapter_service.register_adapter(

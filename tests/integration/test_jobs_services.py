@@ -204,7 +204,7 @@ def test_reaper_requeues_then_fails_stale_jobs_and_fences_the_lost_worker(
     with transaction(factory) as session:
         claim = job_service.claim_job(session, job_id, "doomed")
     assert claim is not None
-    staging = job_service.staging_dir(settings.adapters_path, claim)
+    staging = settings.adapter_store.staging_folder(claim.user_id, claim.job_id, claim.attempt)
     staging.mkdir(parents=True)
     (staging / "adapter_model.safetensors").write_bytes(b"half")
     later = utcnow() + timedelta(seconds=settings.job_stale_after_s + 1)

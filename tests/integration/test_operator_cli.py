@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from app.models import Adapter, PreferencePair, TrainingJob
 from app.services import adapters as adapter_service
+from foundation.adapter_store import AdapterStore
 from tests.worker_support import operator_env
 from tests.worker_support import run_bapo as bapo
 
@@ -86,7 +87,7 @@ def test_gc_keeps_the_active_and_the_previous_version(env: dict[str, str], tmp_p
     folders = {}
     with Session(engine) as session, session.begin():
         for version in range(1, 6):
-            folder = adapter_service.adapter_folder(tmp_path / "adapters", "dave", version)
+            folder = AdapterStore(tmp_path / "adapters").version_folder("dave", version)
             folder.mkdir(parents=True)
             (folder / "adapter_config.json").write_text("{}")
             folders[version] = folder
@@ -100,7 +101,7 @@ def test_gc_keeps_the_active_and_the_previous_version(env: dict[str, str], tmp_p
                 gate_passed=version != 5,
                 gate_reason=None,
             )
-        adapter_service.activate(session, "dave", "v3", tmp_path / "adapters")
+        adapter_service.activate(session, "dave", "v3", AdapterStore(tmp_path / "adapters"))
     engine.dispose()
     dry = bapo(env, "gc-adapters", "--dry-run")
     assert dry["collected"] == {"dave": ["v1", "v4", "v5"]} and folders[1].exists()
@@ -113,7 +114,7 @@ def test_gc_keeps_the_active_and_the_previous_version(env: dict[str, str], tmp_p
 def register_next(session: Session, root: Path, user_id: str) -> int:
     """Write a config-only folder for the user's next version and register it (as the worker)."""
     version = adapter_service.next_version(session, user_id)
-    folder = adapter_service.adapter_folder(root, user_id, version)
+    folder = AdapterStore(root).version_folder(user_id, version)
     folder.mkdir(parents=True)
     (folder / "adapter_config.json").write_text("{}")
     adapter = adapter_service.register_adapter(
@@ -141,7 +142,7 @@ def test_version_numbers_never_come_back_after_gc_or_any_deletion(
     engine = create_engine(env["DATABASE_URL"])
     with Session(engine) as session, session.begin():
         assert [register_next(session, root, "erin") for _ in range(4)] == [1, 2, 3, 4]
-        adapter_service.activate(session, "erin", "v2", root)
+        adapter_service.activate(session, "erin", "v2", AdapterStore(root))
     assert bapo(env, "gc-adapters")["collected"] == {"erin": ["v3", "v4"]}
     with Session(engine) as session, session.begin():
         assert register_next(session, root, "erin") == 5

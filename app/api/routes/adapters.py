@@ -47,5 +47,5 @@ def unpin_adapter(user_id: UserIdDep, session: SessionDep, settings: SettingsDep
 
 def _listing(session: SessionDep, settings: Settings, user_id: str) -> AdapterList:
     """The versions, the active one and whether it is pinned."""
-    listing = adapter_service.listing(session, user_id, settings.adapters_path)
+    listing = adapter_service.listing(session, user_id, settings.adapter_store)
     return AdapterList.model_validate(listing)

@@ -45,7 +45,7 @@ def get_user(user_id: UserIdDep, session: SessionDep) -> UserOut:
 @router.delete("/{user_id}", status_code=204, summary="Delete a user and everything of theirs")
 def delete_user(user_id: UserIdDep, session: SessionDep, state: StateDep) -> Response:
     """Erase the user's keys, pairs, jobs and adapters (files included)."""
-    user_service.delete_user(session, user_id, state.settings.adapters_path)
+    user_service.delete_user(session, user_id, state.settings.adapter_store)
     for hook in state.user_deleted_hooks:
         hook(session, user_id)
     return Response(status_code=204)
