@@ -1,7 +1,8 @@
 """The worker's hold on one claimed job: fenced writes, the heartbeat, and the engine's callbacks.
 
-Every write goes through the claim fence (see app.services.jobs); when a write matches nothing the
-job was taken away (reaped, user deleted) and the run stops at the next step without publishing.
+Every write goes through the claim fence (see app.services.job_leases); when a write matches
+nothing the job was taken away (reaped, user deleted) and the run stops at the next step without
+publishing.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings
 from app.core.db import make_engine, make_sessionmaker, transaction
-from app.services import jobs as job_service
-from app.services.jobs import Claim, JobSignals
+from app.services import job_leases
+from app.services.job_leases import Claim, JobSignals
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ class RunningJob:
 
     def on_phase(self, phase: str) -> None:
         """Engine callback: record the phase, then stop here if asked to."""
-        self._write(lambda s: job_service.record_phase(s, self.claim, phase))
+        self._write(lambda s: job_leases.record_phase(s, self.claim, phase))
         self.check_stop()
         hold_for_tests(phase)
 
@@ -189,11 +190,11 @@ class RunningJob:
         step = int(record.get("step", 0))
         progress = step / self.total_steps if self.total_steps else 0.0
         metrics = finite(record)
-        self._write(lambda s: job_service.record_step(s, self.claim, step, metrics, progress))
+        self._write(lambda s: job_leases.record_step(s, self.claim, step, metrics, progress))
 
     def beat(self) -> None:
         """Write the heartbeat (and learn about cancellation)."""
-        self._write(lambda s: job_service.heartbeat(s, self.claim))
+        self._write(lambda s: job_leases.heartbeat(s, self.claim))
 
     def stop_reason(self) -> str | None:
         """Why the run must stop, or None: lost > cancelled > time limit > shutdown."""

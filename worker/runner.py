@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.core.config import Settings
 from app.core.db import transaction
+from app.services import job_leases
 from app.services import jobs as job_service
 from foundation.model import prepare_base_model
 from foundation.pairs import Pair, prompt_hash
@@ -43,7 +44,7 @@ def run_training_job(job_id: str, worker_id: str, settings: Settings) -> str:
     """Claim the job and run it to an end; returns the outcome (`not_claimed` for a duplicate)."""
     factory = session_factory(settings)
     with transaction(factory) as session:
-        claim = job_service.claim_job(session, job_id, worker_id)
+        claim = job_leases.claim_job(session, job_id, worker_id)
     if claim is None:
         log.info("job %s is not queued (duplicate or redelivered message): nothing to do", job_id)
         return "not_claimed"
@@ -111,7 +112,7 @@ def _load_pairs(job: RunningJob) -> list[Pair]:
     The rows' prompt_hash column is not carried over: the engine hashes the text (app/models.py).
     """
     with transaction(job.factory) as session:
-        rows = job_service.job_pairs(session, job.claim)
+        rows = job_leases.job_pairs(session, job.claim)
         pairs = [
             Pair(messages=list(r.messages), chosen=r.chosen, rejected=r.rejected) for r in rows
         ]
@@ -182,7 +183,7 @@ def publish(job: RunningJob, staging: Path, metrics: dict[str, Any], verdict: Ga
 
     claim = job.claim
     with transaction(job.factory) as session:
-        job_row = job_service.hold_claim(session, claim)
+        job_row = job_leases.hold_claim(session, claim)
         if job_row is None:
             job.lost = True
             raise JobStopped("lost")
@@ -199,7 +200,7 @@ def publish(job: RunningJob, staging: Path, metrics: dict[str, Any], verdict: Ga
             gate_reason=verdict.reason,
         )
         job_service.add_event(session, claim.job_id, "gate", finite(asdict(verdict)))
-        job_service.finish_job(
+        job_leases.finish_job(
             session, claim, "succeeded", metrics=metrics, adapter_version=adapter.version
         )
     return adapter.version
@@ -216,10 +217,10 @@ def _record_stop(job: RunningJob) -> str:
         if reason == "lost":
             outcome = "lost"
         elif reason == "cancelled":
-            job_service.finish_job(session, claim, "cancelled", error=None)
+            job_leases.finish_job(session, claim, "cancelled", error=None)
             outcome = "cancelled"
         elif reason == "time_limit":
-            job_service.finish_job(
+            job_leases.finish_job(
                 session,
                 claim,
                 "failed",
@@ -230,7 +231,7 @@ def _record_stop(job: RunningJob) -> str:
             )
             outcome = "failed"
         else:
-            outcome = job_service.release_job(
+            outcome = job_leases.release_job(
                 session, settings, claim, "worker shutting down", count_attempt=False
             )
     log.info("job %s stopped (%s): %s", claim.job_id, reason, outcome)
@@ -242,7 +243,7 @@ def _release_for_retry(job: RunningJob, exc: BaseException) -> str:
     message = f"transient error, retrying: {type(exc).__name__}: {exc}"[:2000]
     log.warning("job %s: %s", job.claim.job_id, message)
     with transaction(job.factory) as session:
-        outcome = job_service.release_job(
+        outcome = job_leases.release_job(
             session, job.settings, job.claim, message, delay_s=job.settings.job_retry_delay_s
         )
     return f"retry_{outcome}"
@@ -253,4 +254,4 @@ def _record_failure(job: RunningJob, exc: BaseException) -> None:
     error = f"{type(exc).__name__}: {exc}"[:4000]
     log.error("job %s failed: %s", job.claim.job_id, error)
     with transaction(job.factory) as session:
-        job_service.finish_job(session, job.claim, "failed", error=error)
+        job_leases.finish_job(session, job.claim, "failed", error=error)

@@ -79,6 +79,11 @@ def _run_callbacks(callbacks: list[Callable[[], None]]) -> None:
             log.exception("after-commit callback failed")
 
 
+def rows_matched(result: Any) -> int:
+    """Rows an UPDATE or DELETE matched (a typed accessor: `Result` does not declare rowcount)."""
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
 def alembic_config(database_url: str) -> Any:
     """An Alembic config pointing at our migrations and the given database."""
     from alembic.config import Config

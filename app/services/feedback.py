@@ -15,6 +15,7 @@ from app.core.config import Settings
 from app.core.errors import BadRequest, Conflict, InvalidRequest, NotFound
 from app.models import IdempotencyRecord, PreferencePair
 from app.schemas.feedback import OpenAIPreferenceIn, PairBatchIn, PairIn
+from app.services.pagination import RowPage, paginate
 from foundation.pairs import Pair, PairError, PairFields, PairLimits, check_pair, prompt_hash
 
 
@@ -162,8 +163,8 @@ def pair_dict(row: PreferencePair) -> dict[str, Any]:
 
 def list_pairs(
     session: Session, user_id: str, limit: int, cursor: str | None
-) -> tuple[list[PreferencePair], str | None]:
-    """A page of pairs, newest first, and the cursor of the next page (None at the end)."""
+) -> RowPage[PreferencePair]:
+    """A page of pairs, newest first; its cursor is the last pair's id."""
     query = select(PreferencePair).where(PreferencePair.user_id == user_id)
     if cursor is not None:
         if not cursor.isdigit() or len(cursor) > 18:
@@ -171,9 +172,8 @@ def list_pairs(
                 "cursor: not a cursor returned by this API", "invalid_cursor", param="cursor"
             )
         query = query.where(PreferencePair.id < int(cursor))
-    rows = list(session.scalars(query.order_by(PreferencePair.id.desc()).limit(limit + 1)))
-    next_cursor = str(rows[limit - 1].id) if len(rows) > limit else None
-    return rows[:limit], next_cursor
+    query = query.order_by(PreferencePair.id.desc())
+    return paginate(session, query, limit, cursor_of=lambda pair: str(pair.id))
 
 
 def delete_pair(session: Session, user_id: str, pair_id: int) -> None:

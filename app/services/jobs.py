@@ -1,49 +1,27 @@
-"""Training jobs: creation (one active job per user), reads, cancellation, and the state changes a
-worker makes while it holds a job.
+"""Training jobs: creation (one active job per user), reads, cancellation, and the job's log.
 
-A worker's changes are fenced by its claim: every UPDATE matches `status='running' AND
-attempts=<the attempt it claimed>`, so a worker that lost its job (reaped, cancelled, user deleted)
-changes nothing and learns that it must stop. Nothing here commits.
+What a worker does while it holds a job (claim, heartbeats, progress, finish, release) is
+app.services.job_leases. Nothing here commits.
 """
 
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, literal, select, tuple_, update
+from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
+from app.core.db import rows_matched
 from app.core.errors import BadRequest, Conflict, InvalidRequest, NotFound
 from app.core.train_limits import limit_violations
 from app.models import ACTIVE_JOB_STATUSES, JobEvent, PreferencePair, TrainingJob, utcnow
 from app.queue import enqueue_training
+from app.services.pagination import RowPage, paginate
 from app.services.users import get_user
 from foundation.train_config import ConfigError, TrainConfig
-
-FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
-
-
-@dataclass(frozen=True)
-class Claim:
-    """A worker's hold on one job: the attempt number is the fencing token."""
-
-    job_id: str
-    user_id: str
-    attempt: int
-    worker_id: str
-
-
-@dataclass(frozen=True)
-class JobSignals:
-    """What a running job's worker learns on each write: whether to stop."""
-
-    cancel_requested: bool
-
 
 # --- creating jobs --------------------------------------------------------------------------------
 
@@ -190,8 +168,8 @@ def get_job(session: Session, user_id: str, job_id: str) -> TrainingJob:
 
 def list_jobs(
     session: Session, user_id: str, limit: int, cursor: str | None
-) -> tuple[list[TrainingJob], str | None]:
-    """A page of the user's jobs, newest first, and the cursor of the next page."""
+) -> RowPage[TrainingJob]:
+    """A page of the user's jobs, newest first; its cursor is the last job's id."""
     query = select(TrainingJob).where(TrainingJob.user_id == user_id)
     if cursor is not None:
         after = session.get(TrainingJob, cursor)
@@ -202,10 +180,8 @@ def list_jobs(
         query = query.where(
             tuple_(TrainingJob.created_at, TrainingJob.id) < tuple_(after.created_at, after.id)
         )
-    order = (TrainingJob.created_at.desc(), TrainingJob.id.desc())
-    rows = list(session.scalars(query.order_by(*order).limit(limit + 1)))
-    next_cursor = rows[limit - 1].id if len(rows) > limit else None
-    return rows[:limit], next_cursor
+    query = query.order_by(TrainingJob.created_at.desc(), TrainingJob.id.desc())
+    return paginate(session, query, limit, cursor_of=lambda job: job.id)
 
 
 def list_events(
@@ -215,16 +191,22 @@ def list_events(
     limit: int,
     after: int | None,
     kind: str | None = None,
-) -> tuple[list[JobEvent], bool]:
-    """A page of the job's events, oldest first, after the event id `after`; (rows, has_more)."""
+) -> RowPage[JobEvent]:
+    """A page of the job's events, oldest first, after the event id `after`.
+
+    Its cursor is always the last id seen (or `after` on an empty page), so a client polls a
+    running job with `after=next_cursor` for what comes next.
+    """
     get_job(session, user_id, job_id)
     query = select(JobEvent).where(JobEvent.job_id == job_id)
     if after is not None:
         query = query.where(JobEvent.id > after)
     if kind is not None:
         query = query.where(JobEvent.kind == kind)
-    rows = list(session.scalars(query.order_by(JobEvent.id).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    query = query.order_by(JobEvent.id)
+    page: RowPage[JobEvent] = paginate(session, query, limit, cursor_of=lambda e: str(e.id))
+    last = page.data[-1].id if page.data else after
+    return RowPage(page.data, page.has_more, str(last) if last is not None else None)
 
 
 def cancel_job(session: Session, user_id: str, job_id: str) -> TrainingJob:
@@ -236,7 +218,7 @@ def cancel_job(session: Session, user_id: str, job_id: str) -> TrainingJob:
         .where(TrainingJob.id == job_id, TrainingJob.status == "queued")
         .values(status="cancelled", cancel_requested=True, phase=None, finished_at=now)
     )
-    if _rowcount(queued):
+    if rows_matched(queued):
         add_event(
             session, job_id, "status", {"status": "cancelled", "message": "cancelled while queued"}
         )
@@ -246,7 +228,7 @@ def cancel_job(session: Session, user_id: str, job_id: str) -> TrainingJob:
             .where(TrainingJob.id == job_id, TrainingJob.status == "running")
             .values(cancel_requested=True)
         )
-        if _rowcount(running):
+        if rows_matched(running):
             add_event(session, job_id, "status", {"message": "cancellation requested"})
     session.refresh(job)
     if job.status in ("succeeded", "failed"):
@@ -256,37 +238,7 @@ def cancel_job(session: Session, user_id: str, job_id: str) -> TrainingJob:
     return job
 
 
-def job_view(job: TrainingJob, now: datetime | None = None) -> dict[str, Any]:
-    """The API form of a job (the gate verdict is lifted out of its metrics)."""
-    metrics = job.metrics or None
-    gate = (metrics or {}).get("gate")
-    end = job.finished_at or (now or utcnow())
-    duration = (end - job.started_at).total_seconds() if job.started_at else None
-    fields = (
-        "id",
-        "user_id",
-        "status",
-        "method",
-        "trigger",
-        "hyperparameters",
-        "pair_count",
-        "last_pair_id",
-        "phase",
-        "progress",
-        "attempts",
-        "cancel_requested",
-        "error",
-        "adapter_version",
-        "created_at",
-        "started_at",
-        "heartbeat_at",
-        "finished_at",
-    )
-    view = {name: getattr(job, name) for name in fields}
-    return {**view, "metrics": metrics, "gate": gate, "duration_s": duration}
-
-
-# --- the worker's side: claim, progress, finish ---------------------------------------------------
+# --- the job's log --------------------------------------------------------------------------------
 
 
 def add_event(
@@ -294,176 +246,3 @@ def add_event(
 ) -> None:
     """Append one event to a job's log."""
     session.add(JobEvent(job_id=job_id, kind=kind, step=step, data=data, created_at=utcnow()))
-
-
-def claim_job(session: Session, job_id: str, worker_id: str) -> Claim | None:
-    """queued → running for this worker, atomically; None when the job is not queued (any more).
-
-    This conditional UPDATE is what makes a redelivered or duplicated message harmless.
-    """
-    now = utcnow()
-    row = session.execute(
-        update(TrainingJob)
-        .where(TrainingJob.id == job_id, TrainingJob.status == "queued")
-        .values(
-            status="running",
-            attempts=TrainingJob.attempts + 1,
-            worker_id=worker_id[:255],
-            started_at=func.coalesce(
-                TrainingJob.started_at, literal(now, TrainingJob.started_at.type)
-            ),
-            heartbeat_at=now,
-            phase="starting",
-            progress=0.0,
-            error=None,
-        )
-        .returning(TrainingJob.user_id, TrainingJob.attempts)
-    ).one_or_none()
-    if row is None:
-        return None
-    claim = Claim(job_id, row.user_id, row.attempts, worker_id)
-    add_event(
-        session,
-        job_id,
-        "status",
-        {
-            "status": "running",
-            "attempt": claim.attempt,
-            "worker": worker_id,
-            "message": "claimed by a worker",
-        },
-    )
-    return claim
-
-
-def _fence(claim: Claim) -> tuple[ColumnElement[bool], ...]:
-    return (
-        TrainingJob.id == claim.job_id,
-        TrainingJob.status == "running",
-        TrainingJob.attempts == claim.attempt,
-    )
-
-
-def _touch(session: Session, claim: Claim, **values: Any) -> JobSignals | None:
-    """Fenced update of a running job (heartbeat included); None when the claim is lost."""
-    row = session.execute(
-        update(TrainingJob)
-        .where(*_fence(claim))
-        .values(heartbeat_at=utcnow(), **values)
-        .returning(TrainingJob.cancel_requested)
-    ).one_or_none()
-    return None if row is None else JobSignals(bool(row.cancel_requested))
-
-
-def heartbeat(session: Session, claim: Claim) -> JobSignals | None:
-    """Record that the worker is alive; None when the claim is lost."""
-    return _touch(session, claim)
-
-
-def record_phase(session: Session, claim: Claim, phase: str) -> JobSignals | None:
-    """Record the job's current phase (and an event); None when the claim is lost."""
-    signals = _touch(session, claim, phase=phase[:32])
-    if signals is not None:
-        add_event(session, claim.job_id, "phase", {"phase": phase})
-    return signals
-
-
-def record_step(
-    session: Session, claim: Claim, step: int, metrics: dict[str, Any], progress: float
-) -> JobSignals | None:
-    """Record one training step's metrics and the progress; None when the claim is lost."""
-    signals = _touch(session, claim, progress=min(max(progress, 0.0), 1.0))
-    if signals is not None:
-        add_event(session, claim.job_id, "step", metrics, step=step)
-    return signals
-
-
-def job_pairs(session: Session, claim: Claim) -> list[PreferencePair]:
-    """The pairs the job trains on: the user's, up to the newest one when the job was created."""
-    job = session.get(TrainingJob, claim.job_id)
-    if job is None or job.last_pair_id is None:
-        return []
-    return list(
-        session.scalars(
-            select(PreferencePair)
-            .where(PreferencePair.user_id == claim.user_id, PreferencePair.id <= job.last_pair_id)
-            .order_by(PreferencePair.id)
-        )
-    )
-
-
-def hold_claim(session: Session, claim: Claim) -> TrainingJob | None:
-    """The job, locked for this transaction, if this worker still holds it (before publishing)."""
-    return session.scalar(select(TrainingJob).where(*_fence(claim)).with_for_update())
-
-
-def finish_job(
-    session: Session,
-    claim: Claim,
-    status: str,
-    *,
-    error: str | None = None,
-    metrics: dict[str, Any] | None = None,
-    adapter_version: int | None = None,
-) -> bool:
-    """running → succeeded/failed/cancelled, fenced; False when the claim was already lost."""
-    assert status in FINISHED_STATUSES
-    values: dict[str, Any] = {
-        "status": status,
-        "finished_at": utcnow(),
-        "error": error,
-        "phase": None,
-    }
-    if status == "succeeded":
-        values.update(progress=1.0, metrics=metrics, adapter_version=adapter_version)
-    elif metrics is not None:
-        values["metrics"] = metrics
-    done = (
-        _rowcount(session.execute(update(TrainingJob).where(*_fence(claim)).values(**values))) > 0
-    )
-    if done:
-        message = error or f"job {status}"
-        add_event(session, claim.job_id, "status", {"status": status, "message": message[:2000]})
-    return done
-
-
-def release_job(
-    session: Session,
-    settings: Settings,
-    claim: Claim,
-    reason: str,
-    *,
-    delay_s: float | None = None,
-    count_attempt: bool = True,
-) -> str:
-    """Give a job back to the queue (re-sent after commit), or fail it when out of attempts.
-
-    Returns the job's new status ("queued" or "failed"), or "lost" when the claim was lost.
-    """
-    if count_attempt and claim.attempt >= settings.job_max_attempts:
-        failed = finish_job(
-            session, claim, "failed", error=(f"gave up after {claim.attempt} attempt(s): {reason}")
-        )
-        return "failed" if failed else "lost"
-    attempts = TrainingJob.attempts if count_attempt else TrainingJob.attempts - 1
-    released = session.execute(
-        update(TrainingJob)
-        .where(*_fence(claim))
-        .values(
-            status="queued",
-            worker_id=None,
-            phase="requeued",
-            attempts=attempts,
-            heartbeat_at=utcnow(),
-        )
-    )
-    if not _rowcount(released):
-        return "lost"
-    add_event(session, claim.job_id, "status", {"status": "queued", "message": reason[:2000]})
-    enqueue_training(session, settings, claim.job_id, countdown=delay_s)
-    return "queued"
-
-
-def _rowcount(result: Any) -> int:
-    """Rows matched by an UPDATE (typed accessor for mypy)."""
-    return int(getattr(result, "rowcount", 0) or 0)

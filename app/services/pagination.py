@@ -21,11 +21,6 @@ class RowPage(Generic[T]):
     has_more: bool
     next_cursor: str | None
 
-    @classmethod
-    def of(cls, data: list[T], next_cursor: str | None) -> RowPage[T]:
-        """A page that has more exactly when there is a next cursor."""
-        return cls(data, next_cursor is not None, next_cursor)
-
     def map(self, convert: Callable[[T], U]) -> RowPage[U]:
         """The same page with each row converted."""
         return RowPage([convert(row) for row in self.data], self.has_more, self.next_cursor)

@@ -18,6 +18,7 @@ from app.core.db import after_commit
 from app.core.errors import AppError
 from app.models import ACTIVE_JOB_STATUSES, PreferencePair, TrainingJob, utcnow
 from app.queue import enqueue_training, training_messages
+from app.services import job_leases
 from app.services import jobs as job_service
 from foundation.adapter_store import AdapterStore
 
@@ -124,10 +125,10 @@ def _reap_one(
     report: ReapReport,
 ) -> None:
     """Decide for one stale job: cancelled (if asked), requeued, or failed (out of attempts)."""
-    claim = job_service.Claim(job.id, job.user_id, job.attempts, job.worker_id or "")
+    claim = job_leases.Claim(job.id, job.user_id, job.attempts, job.worker_id or "")
     stale_for = settings.job_stale_after_s
     if job.cancel_requested:
-        done = job_service.finish_job(session, claim, "cancelled")
+        done = job_leases.finish_job(session, claim, "cancelled")
         outcome, bucket = ("cancelled" if done else "lost"), report.cancelled
     else:
         still_stale = TrainingJob.heartbeat_at < stale_before
@@ -136,7 +137,7 @@ def _reap_one(
         reason = (
             f"worker {job.worker_id} lost (no heartbeat for {stale_for}s) in attempt {job.attempts}"
         )
-        outcome = job_service.release_job(session, settings, claim, reason)
+        outcome = job_leases.release_job(session, settings, claim, reason)
         bucket = report.requeued if outcome == "queued" else report.failed
     if outcome != "lost":
         bucket.append(job.id)
@@ -161,7 +162,7 @@ def _still_matches(
 
 
 def _clean_staging_after_commit(
-    session: Session, store: AdapterStore, claim: job_service.Claim
+    session: Session, store: AdapterStore, claim: job_leases.Claim
 ) -> None:
     """Delete the attempt's staging folder once its release or end is committed."""
     staging = store.staging_folder(claim.user_id, claim.job_id, claim.attempt)

@@ -21,6 +21,7 @@ from app.core.config import Settings
 from app.core.db import make_engine, make_sessionmaker, transaction
 from app.models import JobEvent, TrainingJob, User, utcnow
 from app.queue import GPU_QUEUE, broker_transport_options
+from app.services import job_leases
 from app.services import jobs as job_service
 from app.services import schedule as schedule_service
 from app.services.feedback import store_pairs
@@ -175,13 +176,13 @@ def test_only_one_of_concurrent_claims_wins(db: tuple[Settings, sessionmaker[Ses
     _, factory = db
     pairs = _user(factory, "racer", 2)
     job_id = _job(factory, "racer", "queued", pairs[-1])
-    claims: list[job_service.Claim | None] = []
+    claims: list[job_leases.Claim | None] = []
     start = threading.Barrier(8)
 
     def claim(worker: int) -> None:
         start.wait()
         with transaction(factory) as session:
-            claims.append(job_service.claim_job(session, job_id, f"worker-{worker}"))
+            claims.append(job_leases.claim_job(session, job_id, f"worker-{worker}"))
 
     threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
     for thread in threads:
@@ -202,7 +203,7 @@ def test_reaper_requeues_then_fails_stale_jobs_and_fences_the_lost_worker(
     pairs = _user(factory, "stale", 2)
     job_id = _job(factory, "stale", "queued", pairs[-1])
     with transaction(factory) as session:
-        claim = job_service.claim_job(session, job_id, "doomed")
+        claim = job_leases.claim_job(session, job_id, "doomed")
     assert claim is not None
     staging = settings.adapter_store.staging_folder(claim.user_id, claim.job_id, claim.attempt)
     staging.mkdir(parents=True)
@@ -215,9 +216,9 @@ def test_reaper_requeues_then_fails_stale_jobs_and_fences_the_lost_worker(
     assert report.requeued == [job_id] and not staging.exists()
     assert _queued_messages(settings) == [job_id]
     with transaction(factory) as session:  # the old worker learns it lost the job
-        assert job_service.heartbeat(session, claim) is None
-        assert job_service.finish_job(session, claim, "succeeded") is False
-        second = job_service.claim_job(session, job_id, "next")
+        assert job_leases.heartbeat(session, claim) is None
+        assert job_leases.finish_job(session, claim, "succeeded") is False
+        second = job_leases.claim_job(session, job_id, "next")
     assert second is not None and second.attempt == 2
     even_later = later + timedelta(seconds=settings.job_stale_after_s * 2)
     with transaction(factory) as session:
@@ -291,13 +292,13 @@ def test_a_worker_whose_job_was_deleted_is_told_to_stop(
     pairs = _user(factory, "leaver", 2)
     job_id = _job(factory, "leaver", "queued", pairs[-1])
     with transaction(factory) as session:
-        claim = job_service.claim_job(session, job_id, "w")
+        claim = job_leases.claim_job(session, job_id, "w")
     with transaction(factory) as session:
         session.execute(delete(JobEvent).where(JobEvent.job_id == job_id))
         session.execute(delete(TrainingJob).where(TrainingJob.user_id == "leaver"))
     assert claim is not None
     with transaction(factory) as session:
-        assert job_service.record_step(session, claim, 1, {"loss": 1.0}, 0.5) is None
+        assert job_leases.record_step(session, claim, 1, {"loss": 1.0}, 0.5) is None
 
 
 def test_concurrent_triggers_make_one_job(db: tuple[Settings, sessionmaker[Session]]) -> None:

@@ -13,7 +13,6 @@ from app.schemas.common import ERROR_RESPONSES, Page
 from app.schemas.feedback import FeedbackCreated, FeedbackIn, PairOut
 from app.services import feedback as feedback_service
 from app.services import users as user_service
-from app.services.pagination import RowPage
 
 router = APIRouter(prefix="/users/{user_id}/feedback", tags=["feedback"], responses=ERROR_RESPONSES)
 
@@ -77,8 +76,8 @@ def list_feedback(
 ) -> Page[PairOut]:
     """Cursor-paged pairs, newest first."""
     user_service.get_user(session, user_id)
-    rows, next_cursor = feedback_service.list_pairs(session, user_id, limit, cursor)
-    return Page[PairOut].model_validate(RowPage.of(rows, next_cursor))
+    page = feedback_service.list_pairs(session, user_id, limit, cursor)
+    return Page[PairOut].model_validate(page)
 
 
 @router.delete("/{pair_id}", status_code=204, summary="Delete a pair")

@@ -13,7 +13,6 @@ from app.schemas.common import ERROR_RESPONSES, RATE_LIMITED_DOC
 from app.schemas.jobs import JobEventPage, JobOut, JobPage, TrainRequest
 from app.services import jobs as job_service
 from app.services import users as user_service
-from app.services.pagination import RowPage
 
 router = APIRouter(prefix="/users/{user_id}/train", tags=["training"], responses=ERROR_RESPONSES)
 
@@ -72,8 +71,7 @@ def list_jobs(
 ) -> JobPage:
     """Cursor-paged jobs of the user, newest first."""
     user_service.get_user(session, user_id)
-    rows, next_cursor = job_service.list_jobs(session, user_id, limit, cursor)
-    return JobPage.model_validate(RowPage.of(rows, next_cursor))
+    return JobPage.model_validate(job_service.list_jobs(session, user_id, limit, cursor))
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, summary="Get a training job")
@@ -95,9 +93,8 @@ def list_events(
     ] = None,
 ) -> JobEventPage:
     """Per-step metrics and lifecycle events, oldest first; poll with `after=next_cursor`."""
-    rows, has_more = job_service.list_events(session, user_id, job_id, limit, after, kind)
-    cursor = str(rows[-1].id) if rows else (str(after) if after is not None else None)
-    return JobEventPage.model_validate(RowPage(rows, has_more, cursor))
+    page = job_service.list_events(session, user_id, job_id, limit, after, kind)
+    return JobEventPage.model_validate(page)
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut, summary="Cancel a training job")
