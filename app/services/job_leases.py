@@ -80,7 +80,8 @@ def claim_job(session: Session, job_id: str, worker_id: str) -> Claim | None:
     return claim
 
 
-def _fence(claim: Claim) -> tuple[ColumnElement[bool], ...]:
+def fence(claim: Claim) -> tuple[ColumnElement[bool], ...]:
+    """The conditions under which the claim still holds: this job, running, this attempt."""
     return (
         TrainingJob.id == claim.job_id,
         TrainingJob.status == "running",
@@ -92,7 +93,7 @@ def _touch(session: Session, claim: Claim, **values: Any) -> JobSignals | None:
     """Fenced update of a running job (heartbeat included); None when the claim is lost."""
     row = session.execute(
         update(TrainingJob)
-        .where(*_fence(claim))
+        .where(*fence(claim))
         .values(heartbeat_at=utcnow(), **values)
         .returning(TrainingJob.cancel_requested)
     ).one_or_none()
@@ -138,7 +139,7 @@ def job_pairs(session: Session, claim: Claim) -> list[PreferencePair]:
 
 def hold_claim(session: Session, claim: Claim) -> TrainingJob | None:
     """The job, locked for this transaction, if this worker still holds it (before publishing)."""
-    return session.scalar(select(TrainingJob).where(*_fence(claim)).with_for_update())
+    return session.scalar(select(TrainingJob).where(*fence(claim)).with_for_update())
 
 
 def finish_job(
@@ -162,7 +163,7 @@ def finish_job(
         values.update(progress=1.0, metrics=metrics, adapter_version=adapter_version)
     elif metrics is not None:
         values["metrics"] = metrics
-    finished = session.execute(update(TrainingJob).where(*_fence(claim)).values(**values))
+    finished = session.execute(update(TrainingJob).where(*fence(claim)).values(**values))
     done = rows_matched(finished) > 0
     if done:
         message = error or f"job {status}"
@@ -191,7 +192,7 @@ def release_job(
     attempts = TrainingJob.attempts if count_attempt else TrainingJob.attempts - 1
     released = session.execute(
         update(TrainingJob)
-        .where(*_fence(claim))
+        .where(*fence(claim))
         .values(
             status="queued",
             worker_id=None,

@@ -132,7 +132,7 @@ def _reap_one(
         outcome, bucket = ("cancelled" if done else "lost"), report.cancelled
     else:
         still_stale = TrainingJob.heartbeat_at < stale_before
-        if not _still_matches(session, job.id, job.attempts, still_stale):
+        if not _still_matches(session, claim, still_stale):
             return
         reason = (
             f"worker {job.worker_id} lost (no heartbeat for {stale_for}s) in attempt {job.attempts}"
@@ -145,17 +145,12 @@ def _reap_one(
 
 
 def _still_matches(
-    session: Session, job_id: str, attempts: int, condition: ColumnElement[bool]
+    session: Session, claim: job_leases.Claim, condition: ColumnElement[bool]
 ) -> bool:
     """Lock the job row if it is still running this attempt and `condition` holds."""
     row = session.scalar(
         select(TrainingJob.id)
-        .where(
-            TrainingJob.id == job_id,
-            TrainingJob.status == "running",
-            TrainingJob.attempts == attempts,
-            condition,
-        )
+        .where(*job_leases.fence(claim), condition)
         .with_for_update(skip_locked=True)
     )
     return row is not None

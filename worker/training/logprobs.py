@@ -7,6 +7,7 @@ positions never get logits.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TypeVar
 
 import torch
@@ -65,13 +66,9 @@ def score_sequences(
     batch_size: int,
 ) -> list[float]:
     """Sequence log-probs of (prompt ids, response ids) rows, without gradients, in input order."""
-    device = next(model.parameters()).device
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
     scores = [0.0] * len(rows)
     with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            batch = collate([rows[i] for i in chunk], pad_token_id).to(device)
+        for chunk, batch in _length_sorted_batches(model, rows, pad_token_id, batch_size):
             for i, value in zip(chunk, sequence_logprobs(model, batch).tolist(), strict=True):
                 scores[i] = value
     return scores
@@ -84,17 +81,30 @@ def score_tokens(
     batch_size: int,
 ) -> list[list[float]]:
     """Per-token log-probs of each row's response ids, without gradients, in input order."""
-    device = next(model.parameters()).device
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
     scores: list[list[float]] = [[] for _ in rows]
     with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            batch = collate([rows[i] for i in chunk], pad_token_id).to(device)
+        for chunk, batch in _length_sorted_batches(model, rows, pad_token_id, batch_size):
             token_logps, row_of = _token_logprobs(model, batch)
             for value, row in zip(token_logps.tolist(), row_of.tolist(), strict=True):
                 scores[chunk[row]].append(value)
     return scores
+
+
+def _length_sorted_batches(
+    model: CausalLM,
+    rows: list[tuple[list[int], list[int]]],
+    pad_token_id: int,
+    batch_size: int,
+) -> Iterator[tuple[list[int], Batch]]:
+    """(row indices, their collated batch on the model's device), shortest rows first.
+
+    Rows of similar length share a batch, so little of each batch is padding.
+    """
+    device = next(model.parameters()).device
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        yield chunk, collate([rows[i] for i in chunk], pad_token_id).to(device)
 
 
 def pair_logratios(
