@@ -266,8 +266,8 @@ def pair_metrics(
             assert h_b is not None
             parts.append((h_w, h_l, h_b))
     h_w, h_l, h_b = (torch.cat(column) for column in zip(*parts, strict=True))
-    _, metrics = bapo_loss(h_w, h_l, base_anchor(pairs, h_b), beta=config.beta,
-                           anchor_weight=config.effective_anchor_weight,
-                           anchor_form=config.anchor_form,
-                           anchor_tolerance=config.anchor_tolerance)  # fmt: skip
+    metrics = bapo_loss(h_w, h_l, base_anchor(pairs, h_b), beta=config.beta,
+                        anchor_weight=config.effective_anchor_weight,
+                        anchor_form=config.anchor_form,
+                        anchor_tolerance=config.anchor_tolerance).metrics  # fmt: skip
     return {name: float(value) for name, value in metrics.items()}

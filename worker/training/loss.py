@@ -22,6 +22,7 @@ hard constraint. The per-token forms divide by n_b (≈ 64), which is why their 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,13 @@ import torch.nn.functional as F
 from foundation.train_config import ANCHOR_FORMS
 
 Metrics = dict[str, torch.Tensor]
+
+
+class LossResult(NamedTuple):
+    """A batch's loss (scalar, with grad) and its metrics (detached scalars)."""
+
+    loss: torch.Tensor
+    metrics: Metrics
 
 
 @dataclass(frozen=True)
@@ -126,12 +134,12 @@ def bapo_loss(
     anchor_weight: float,
     anchor_form: str = "hinge",
     anchor_tolerance: float = 0.0,
-) -> tuple[torch.Tensor, Metrics]:
+) -> LossResult:
     """Batch loss and metrics; h_* are [B] log-ratios, h_base may be None when λ = 0 (DPO).
 
     L = mean_B( −log σ(β (h_w − h_l)) + λ A ), A per `anchor_form` (module docstring); `sigmoid`
     puts the hinge inside the sigmoid. h_base is a BaseAnchor (or a bare h_b tensor for the forms
-    that need nothing else). Returns (scalar loss with grad, metrics of detached scalars: loss,
+    that need nothing else). Returns a LossResult (scalar loss with grad; metrics: loss,
     dpo_loss, anchor_loss, reward_accuracy, reward_margin and, with h_base, anchor_logratio,
     anchor_below_frac).
     """
@@ -160,4 +168,4 @@ def bapo_loss(
     }
     if h_base is not None:
         metrics.update(anchor_metrics(base.logratio))
-    return loss, metrics
+    return LossResult(loss, metrics)

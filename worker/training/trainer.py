@@ -357,14 +357,14 @@ def _accumulate(
         h_w, h_l, h_b, n_tokens = pair_logratios(policy, batch, pad_token_id, with_base)
         if check_reference:
             check_fresh_reference(batch, h_w, h_l, h_b)
-        loss, metrics = bapo_loss(
+        result = bapo_loss(
             h_w, h_l, None if h_b is None else base_anchor(batch, h_b), beta=config.beta,
             anchor_weight=config.effective_anchor_weight, anchor_form=config.anchor_form,
             anchor_tolerance=config.anchor_tolerance,
         )  # fmt: skip
         weight = len(indices) / total_pairs
-        (loss * weight).backward()
-        for name, value in metrics.items():
+        (result.loss * weight).backward()
+        for name, value in result.metrics.items():
             sums[name] = sums.get(name, 0.0) + weight * float(value)
         tokens += n_tokens
     return sums, tokens

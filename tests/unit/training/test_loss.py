@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from foundation.train_config import ANCHOR_FORMS
 from worker.training.loss import (
     BaseAnchor,
+    LossResult,
     anchor_hinge,
     anchor_in_sigmoid_losses,
     bapo_loss,
@@ -26,7 +27,9 @@ def _t(*values: float) -> torch.Tensor:
 
 def test_bapo_hinge_matches_hand_computed_values() -> None:
     # pair 1: h_w=1, h_l=0, h_b=-2; pair 2: h_w=0, h_l=1, h_b=3; beta=0.5, lambda=0.5
-    loss, m = bapo_loss(_t(1, 0), _t(0, 1), _t(-2, 3), beta=0.5, anchor_weight=0.5)
+    result = bapo_loss(_t(1, 0), _t(0, 1), _t(-2, 3), beta=0.5, anchor_weight=0.5)
+    assert isinstance(result, LossResult)
+    loss, m = result
     dpo1 = math.log(1 + math.exp(-0.5))  # -log sigmoid(0.5)
     dpo2 = math.log(1 + math.exp(0.5))  # -log sigmoid(-0.5)
     assert loss.item() == pytest.approx(((dpo1 + 0.5 * 2) + (dpo2 + 0)) / 2)
