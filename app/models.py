@@ -76,7 +76,10 @@ class ApiKey(Base):
     user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     prefix: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str | None] = mapped_column(String(100), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Written at most once a minute per key (app/services/api_keys.py), so accurate to a minute.
+    last_used_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class PreferencePair(Base):
