@@ -144,6 +144,8 @@ class TrainingJob(Base):
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     adapter_version: Mapped[int | None] = mapped_column(Integer, default=None)
     request_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    # OpenAI's job `metadata` (string pairs given to POST /v1/fine_tuning/jobs).
+    meta: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
