@@ -5,7 +5,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, Discriminator, Field, Tag, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    model_validator,
+)
 
 from app.schemas.common import Message, ResponseModel, StrictModel
 
@@ -26,16 +34,42 @@ class PairIn(StrictModel):
         return self
 
 
+class ContentPart(BaseModel):
+    """A content part; only `{"type": "text", "text": ...}` can be trained on."""
+
+    model_config = ConfigDict(extra="allow")  # other kinds are refused by name, not as unknown
+
+    type: str
+    text: str | None = None
+
+
+class PreferenceMessage(StrictModel):
+    """A chat message as OpenAI's preference lines carry it (`developer` = system).
+
+    Tool turns and tool calls are accepted here only to be refused with a clear message by the
+    one pair validator (foundation.pairs), which reads this shape for every way in.
+    """
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
+    function_call: Any = None
+
+
 class PreferenceInput(StrictModel):
-    messages: list[Message]
+    messages: list[PreferenceMessage]
+    tools: list[Any] | None = Field(None, description="Must be empty: tools cannot be trained on.")
+    parallel_tool_calls: bool | None = Field(None, description="Accepted and ignored.")
 
 
 class OpenAIPreferenceIn(StrictModel):
-    """The preference-tuning shape used by OpenAI and Together."""
+    """OpenAI's preference (DPO) fine-tuning line, also used by Together."""
 
     input: PreferenceInput
-    preferred_output: list[Message] = Field(min_length=1, max_length=1)
-    non_preferred_output: list[Message] = Field(min_length=1, max_length=1)
+    preferred_output: list[PreferenceMessage] = Field(min_length=1, max_length=1)
+    non_preferred_output: list[PreferenceMessage] = Field(min_length=1, max_length=1)
     metadata: dict[str, Any] | None = None
 
 

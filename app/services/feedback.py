@@ -16,7 +16,15 @@ from app.core.errors import BadRequest, Conflict, InvalidRequest, NotFound
 from app.models import IdempotencyRecord, PreferencePair
 from app.schemas.feedback import OpenAIPreferenceIn, PairBatchIn, PairIn
 from app.services.pagination import RowPage, paginate
-from foundation.pairs import Pair, PairError, PairFields, PairLimits, check_pair, prompt_hash
+from foundation.pairs import (
+    Pair,
+    PairError,
+    PairFields,
+    PairLimits,
+    check_pair,
+    pair_from_dict,
+    prompt_hash,
+)
 
 
 @dataclass(frozen=True)
@@ -53,23 +61,14 @@ def _normalize_one(item: PairIn | OpenAIPreferenceIn, where: str, limits: PairLi
         messages = [{"role": "user", "content": item.prompt}]
     else:
         messages = [m.model_dump() for m in item.messages or []]
-    fields = PairFields(messages="prompt" if item.prompt is not None else "messages")
+    fields = PairFields("prompt", prompt_text=True) if item.prompt is not None else PairFields()
     pair = Pair(messages, item.chosen, item.rejected, item.metadata)
     return check_pair(pair, limits, fields.under(where))
 
 
 def _normalize_openai(item: OpenAIPreferenceIn, where: str, limits: PairLimits) -> Pair:
-    """The OpenAI/Together shape: both outputs must be assistant turns."""
-    chosen, rejected = item.preferred_output[0], item.non_preferred_output[0]
-    for name, msg in (("preferred_output", chosen), ("non_preferred_output", rejected)):
-        if msg.role != "assistant":
-            raise InvalidRequest(
-                f"{where}{name}.0.role: must be 'assistant'", "invalid_role", param=f"{where}{name}"
-            )
-    messages = [m.model_dump() for m in item.input.messages]
-    pair = Pair(messages, chosen.content, rejected.content, item.metadata)
-    fields = PairFields("input.messages", "preferred_output", "non_preferred_output")
-    return check_pair(pair, limits, fields.under(where))
+    """OpenAI's preference line, read as every other way in reads it (foundation.pairs)."""
+    return pair_from_dict(item.model_dump(exclude_none=True), limits, where)
 
 
 def request_fingerprint(pairs: list[Pair]) -> str:
@@ -130,14 +129,19 @@ def _claim_key(
 
 def pair_row(user_id: str, pair: Pair) -> PreferencePair:
     """The row that stores a checked pair (with its prompt's hash)."""
-    return PreferencePair(
-        user_id=user_id,
-        messages=pair.messages,
-        prompt_hash=prompt_hash(pair.messages),
-        chosen=pair.chosen,
-        rejected=pair.rejected,
-        meta=pair.metadata,
-    )
+    return PreferencePair(**pair_values(user_id, pair))
+
+
+def pair_values(user_id: str, pair: Pair) -> dict[str, Any]:
+    """A checked pair's row as attribute values (for bulk inserts that keep no objects)."""
+    return {
+        "user_id": user_id,
+        "messages": pair.messages,
+        "prompt_hash": prompt_hash(pair.messages),
+        "chosen": pair.chosen,
+        "rejected": pair.rejected,
+        "meta": pair.metadata,
+    }
 
 
 def _find_record(session: Session, user_id: str, key: str) -> IdempotencyRecord | None:

@@ -91,3 +91,78 @@ def test_prompt_hash_is_the_canonical_json_of_the_turns() -> None:
     assert prompt_hash(turns) != prompt_hash([{"role": "user", "content": "Hi!"}])
     # the value stored in preference_pairs.prompt_hash since the first migration
     assert prompt_hash(turns) == "557f6d9586f57ae72d24a7d34f47ed219efecbc197894dfead83851aaa02e87f"
+
+
+OPENAI_LINE = {
+    "input": {
+        "messages": [{"role": "user", "content": "How cold is it?"}],
+        "tools": [],
+        "parallel_tool_calls": True,
+    },
+    "preferred_output": [{"role": "assistant", "content": "About 14°C."}],
+    "non_preferred_output": [{"role": "assistant", "content": "Cold."}],
+}
+SKY = [{"role": "user", "content": "Sky?"}]
+BLUE = [{"role": "assistant", "content": "Blue."}]
+GREEN = [{"role": "assistant", "content": "Green."}]
+
+
+def _text(*texts: str) -> list[dict[str, str]]:
+    return [{"type": "text", "text": t} for t in texts]
+
+
+def test_openai_preference_lines_developer_turns_and_text_parts() -> None:
+    assert pair_from_dict(OPENAI_LINE) == Pair(
+        [{"role": "user", "content": "How cold is it?"}], "About 14°C.", "Cold."
+    )
+    developer = {"role": "developer", "content": "Be brief."}
+    turns = [developer, {"role": "user", "content": _text("a", "b")}]
+    parts = {**OPENAI_LINE, "input": {"messages": turns}}
+    assert pair_from_dict(parts).messages == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "a\nb"},
+    ]
+
+
+def test_trl_conversational_and_implicit_prompt_forms() -> None:
+    expected = Pair(SKY, "Blue.", "Green.")
+    assert pair_from_dict({"prompt": SKY, "chosen": BLUE, "rejected": GREEN}) == expected
+    assert pair_from_dict({"chosen": SKY + BLUE, "rejected": SKY + GREEN}) == expected
+    blank = [{"role": "user", "content": " "}]
+    with pytest.raises(PairError, match=r"^prompt\.0\.content: must not be empty$"):
+        pair_from_dict({"prompt": blank, "chosen": BLUE, "rejected": GREEN})
+    sea = [{"role": "user", "content": "Sea?"}]
+    with pytest.raises(PairError, match="same turns") as refused:
+        pair_from_dict({"chosen": SKY + BLUE, "rejected": sea + GREEN})
+    assert refused.value.code == "prompt_mismatch"
+
+
+USER_Q = {"role": "user", "content": "q"}
+TOOL_CALL = {"role": "assistant", "content": None, "tool_calls": [{"id": "c"}]}
+IMAGE = {"role": "user", "content": [{"type": "image_url", "image_url": {}}]}
+
+
+@pytest.mark.parametrize(
+    ("change", "message", "code"),
+    [
+        ({"input": {"messages": [USER_Q], "tools": [{"type": "function"}]}},
+         r"^input\.tools: tool definitions cannot be trained on", "tools_unsupported"),
+        ({"preferred_output": [TOOL_CALL]},
+         r"^preferred_output\.0: tool calls and tool results cannot be", "tools_unsupported"),
+        ({"input": {"messages": [{"role": "tool", "content": "42", "tool_call_id": "c"}]}},
+         r"^input\.messages\.0: tool calls", "tools_unsupported"),
+        ({"input": {"messages": [IMAGE]}},
+         r"^input\.messages\.0\.content\.0: only text parts can be trained on \(got type "
+         r"'image_url'\)", "unsupported_content"),
+        ({"non_preferred_output": [USER_Q]},
+         r"^non_preferred_output\.0\.role: must be 'assistant'", "invalid_role"),
+        ({"preferred_output": []}, r"^preferred_output: must be a list of exactly one",
+         "invalid_pair"),
+    ],
+)  # fmt: skip
+def test_what_cannot_be_trained_on_is_refused_by_name(
+    change: dict[str, Any], message: str, code: str
+) -> None:
+    with pytest.raises(PairError, match=message) as refused:
+        pair_from_dict({**OPENAI_LINE, **change})
+    assert refused.value.code == code
