@@ -14,6 +14,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -246,3 +247,52 @@ class CacheLookups(Base):
     cache: Mapped[str] = mapped_column(String(32), primary_key=True)
     hits: Mapped[int] = mapped_column(BigInteger, default=0)
     misses: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class StoredFile(Base):
+    """A JSONL file of preference pairs uploaded through `/v1/files` (its bytes: `file_chunks`).
+
+    In the database rather than on a disk so that every API replica sees it, it is stored in the
+    same transaction as its row (no orphan or missing bytes), and deleting its user deletes it.
+    """
+
+    __tablename__ = "files"
+    __table_args__ = (Index("ix_files_user_id_created_at", "user_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # "file-" + 24 hex digits
+    # The uploading key's user; None for a file the operator uploaded (the operator's own).
+    user_id: Mapped[str | None] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), default=None
+    )
+    filename: Mapped[str] = mapped_column(String(255))
+    purpose: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    pair_count: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class FileChunk(Base):
+    """One piece (up to 1 MiB) of a stored file, in order of `seq`."""
+
+    __tablename__ = "file_chunks"
+
+    file_id: Mapped[str] = mapped_column(
+        ForeignKey("files.id", ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class FeedbackImport(Base):
+    """A JSONL file imported into a user's pairs: once per file content (sha256) and user."""
+
+    __tablename__ = "feedback_imports"
+    __table_args__ = (UniqueConstraint("user_id", "sha256", name="uq_feedback_imports_user_sha"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    sha256: Mapped[str] = mapped_column(String(64))
+    pair_count: Mapped[int] = mapped_column(Integer)
+    file_id: Mapped[str | None] = mapped_column(String(40), default=None)  # the file may go later
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     )
     max_batch_pairs: int = Field(100, ge=1, description="Most pairs in one feedback request.")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body (413 above).")
+    max_upload_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        description="Largest JSONL upload (feedback import, /v1/files), streamed; 413 above.",
+    )
     max_metadata_bytes: int = Field(
         PairLimits.max_metadata_bytes, ge=0, description="Largest metadata object, as JSON."
     )
