@@ -3,12 +3,14 @@ page sizes and rate limits."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Annotated
 
 from fastapi import Depends, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.api.state import AppState, StateDep, app_state
@@ -17,8 +19,10 @@ from app.core.db import transaction
 from app.core.errors import Unauthorized
 from app.core.ratelimit import enforce
 from app.core.security import Principal, keys_equal, validate_user_id
-from app.services import users as user_service
+from app.models import utcnow
+from app.services import api_keys as api_key_service
 
+log = logging.getLogger(__name__)
 bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <api key>`")
 
 
@@ -55,12 +59,26 @@ def get_principal(
     key = credentials.credentials
     if keys_equal(key, state.operator_key):
         return Principal(is_operator=True)
-    user_id = user_service.user_for_key(session, key)
-    if user_id is None:
+    owner = api_key_service.owner_of(session, key)
+    if owner is None:
         raise Unauthorized(
             "Invalid API key", "invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
         )
-    return Principal(is_operator=False, user_id=user_id)
+    _record_key_use(state, owner)
+    return Principal(is_operator=False, user_id=owner.user_id)
+
+
+def _record_key_use(state: AppState, owner: api_key_service.KeyOwner) -> None:
+    """Note the key's use at most once a minute, in its own short transaction (so the request's
+    transaction holds no lock on the key row); a failure to write it never fails the request."""
+    now = utcnow()
+    if not api_key_service.use_is_due(owner, now):
+        return
+    try:
+        with transaction(state.session_factory) as session:
+            api_key_service.record_use(session, owner.key_id, now)
+    except SQLAlchemyError:
+        log.warning("could not record the use of API key %s", owner.key_id, exc_info=True)
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from app.core.db import after_commit
 from app.core.errors import Conflict, NotFound
-from app.core.security import generate_api_key, hash_key, validate_user_id
+from app.core.security import validate_user_id
 from app.models import (
     Adapter,
     ApiKey,
@@ -22,7 +22,7 @@ from app.models import (
     TrainingJob,
     User,
 )
-from app.services import adapter_versions
+from app.services import adapter_versions, api_keys
 from app.services.pagination import RowPage, paginate
 from foundation.adapter_store import AdapterStore
 
@@ -41,15 +41,13 @@ def create_user(session: Session, user_id: str | None) -> tuple[User, str]:
     if session.get(User, user_id) is not None:
         raise Conflict(f"User {user_id!r} already exists", "user_exists")
     user = User(id=user_id)
-    key = generate_api_key()
     try:
         with session.begin_nested():
             session.add(user)
             session.flush()
     except IntegrityError as exc:  # a concurrent request created the same id
         raise Conflict(f"User {user_id!r} already exists", "user_exists") from exc
-    session.add(ApiKey(user_id=user_id, key_hash=hash_key(key), prefix=key[:12]))
-    session.flush()
+    _, key = api_keys.add_key(session, user_id)
     return user, key
 
 
@@ -95,8 +93,3 @@ def _keep_version_floor(session: Session, user_id: str) -> None:
     latest = adapter_versions.newest_version(session, user_id)
     if latest is not None:
         adapter_versions.raise_floor(session, user_id, latest)
-
-
-def user_for_key(session: Session, key: str) -> str | None:
-    """The user id owning this key, or None."""
-    return session.scalar(select(ApiKey.user_id).where(ApiKey.key_hash == hash_key(key)))
