@@ -34,6 +34,23 @@ def add_operator_commands(subparsers: Any) -> None:
     p.add_argument("--file", type=Path, required=True)
     p.add_argument("--id", dest="user_id", default=None, help="import under this id instead")
     p.set_defaults(handler=_import_user)
+    _add_key_commands(subparsers)
+
+
+def _add_key_commands(subparsers: Any) -> None:
+    """issue-key, list-keys, revoke-key: a user's API keys (their data is never touched)."""
+    p = subparsers.add_parser("issue-key", help=f"issue a user another API key {ADMIN_HELP}")
+    p.add_argument("--id", dest="user_id", required=True)
+    p.add_argument("--name", default=None, help="a label, e.g. where the key is used")
+    p.set_defaults(handler=_issue_key)
+    p = subparsers.add_parser("list-keys", help=f"a user's keys, prefix only {ADMIN_HELP}")
+    p.add_argument("--id", dest="user_id", required=True)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(handler=_list_keys)
+    p = subparsers.add_parser("revoke-key", help=f"revoke one of a user's keys {ADMIN_HELP}")
+    p.add_argument("--id", dest="user_id", required=True)
+    p.add_argument("--key-id", type=int, required=True, help="the key's id (from list-keys)")
+    p.set_defaults(handler=_revoke_key)
 
 
 def _session_scope() -> Any:
@@ -123,4 +140,55 @@ def _import_user(args: argparse.Namespace) -> int:
             session, document, args.user_id, get_settings().pair_limits
         )
     print(json.dumps({"id": user_id, "api_key": key, "pairs": count}))
+    return 0
+
+
+def _key_fields(row: Any) -> dict[str, Any]:
+    """A key as list-keys prints it: never the secret or its hash."""
+    dates = {k: getattr(row, k) for k in ("created_at", "last_used_at")}
+    return {
+        "id": row.id,
+        "user_id": row.user_id,
+        "prefix": row.prefix,
+        "name": row.name,
+        **{k: v.isoformat() if v is not None else None for k, v in dates.items()},
+    }
+
+
+def _issue_key(args: argparse.Namespace) -> int:
+    from app.services import api_keys
+
+    with _session_scope() as session:
+        row, secret = api_keys.issue_key(session, args.user_id, args.name)
+        issued = _key_fields(row)
+    print(json.dumps({**issued, "api_key": secret}))
+    return 0
+
+
+def _list_keys(args: argparse.Namespace) -> int:
+    from app.services import api_keys
+
+    with _session_scope() as session:
+        rows = [_key_fields(row) for row in api_keys.all_keys(session, args.user_id)]
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'id':>8}  {'prefix':<14} {'created':<20} {'last used':<20} name")
+    for row in rows:
+        created, used = (str(row[k] or "-")[:19] for k in ("created_at", "last_used_at"))
+        print(f"{row['id']:>8}  {row['prefix']:<14} {created:<20} {used:<20} {row['name'] or ''}")
+    return 0
+
+
+def _revoke_key(args: argparse.Namespace) -> int:
+    from app.services import api_keys
+
+    with _session_scope() as session:
+        left = api_keys.revoke_key(session, args.user_id, args.key_id)
+    print(json.dumps({"id": args.user_id, "revoked": args.key_id, "keys_left": left}))
+    if left == 0:
+        print(
+            f"{args.user_id} has no API key left; `bapo issue-key --id {args.user_id}` issues one",
+            file=sys.stderr,
+        )
     return 0
