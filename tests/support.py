@@ -27,6 +27,9 @@ PG_ADMIN_URL = os.environ.get(
     "TEST_POSTGRES_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
 TABLES = (
+    "feedback_imports",
+    "file_chunks",
+    "files",
     "adapter_version_floors",
     "job_events",
     "training_jobs",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -39,6 +39,10 @@ class ErrorDetail(BaseModel):
     message: str
     code: str
     param: str | None = None
+    errors: list[dict[str, Any]] | None = Field(
+        None, description="A refused JSONL file's first bad lines: `line`, `message`, `code`."
+    )
+    error_count: int | None = Field(None, description="How many lines of the file are bad.")
 
 
 class ErrorResponse(BaseModel):
