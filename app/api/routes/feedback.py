@@ -12,7 +12,7 @@ from starlette.requests import ClientDisconnect
 from app.api.deps import LimitDep, PrincipalDep, SessionDep, SettingsDep, UserIdDep
 from app.api.state import AppState, StateDep
 from app.core.errors import BadRequest, UnsupportedMediaType
-from app.schemas.common import ERROR_RESPONSES, Page
+from app.schemas.common import ERROR_RESPONSES, ErrorResponse, Page
 from app.schemas.feedback import FeedbackCreated, FeedbackIn, PairOut
 from app.schemas.files import ImportReportOut
 from app.services import feedback as feedback_service
@@ -117,7 +117,10 @@ IMPORT_BODY: dict[str, Any] = {
     "/import",
     status_code=201,
     response_model=ImportReportOut,
-    responses={200: {"model": ImportReportOut, "description": "This file was imported before"}},
+    responses={
+        200: {"model": ImportReportOut, "description": "This file was imported before"},
+        415: {"model": ErrorResponse, "description": "The body is not declared JSONL"},
+    },
     openapi_extra=IMPORT_BODY,
     summary="Import a JSONL file of pairs",
 )
