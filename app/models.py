@@ -147,6 +147,8 @@ class TrainingJob(Base):
     request_id: Mapped[str | None] = mapped_column(String(64), default=None)
     # OpenAI's job `metadata` (string pairs given to POST /v1/fine_tuning/jobs).
     meta: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON, default=None)
+    # The stored file (`file-…`) whose pairs a fine-tuning job imported before it was created.
+    training_file: Mapped[str | None] = mapped_column(String(40), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
