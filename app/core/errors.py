@@ -1,6 +1,12 @@
 """Typed errors that carry their HTTP status, and the handlers that render the one error shape.
 
-Every 4xx/5xx body is `{"error": {"type": ..., "message": ..., "code": ...}}`.
+Every 4xx/5xx body is `{"error": {"type": ..., "message": ..., "code": ..., "param": ...}}`
+(OpenAI's shape; `param` is null when no one field is to blame).
+
+Under `/v1/` (the OpenAI-compatible surface) errors speak OpenAI's dialect, because its clients
+and routers branch on it: invalid input is 400 (not 422), and a too-long prompt is
+`context_length_exceeded`. Everywhere, a 409 carries `x-should-retry: false`: our conflicts do not
+clear by themselves, and OpenAI's SDK would otherwise retry every 409.
 """
 
 from __future__ import annotations
@@ -31,12 +37,14 @@ class AppError(Exception):
         *,
         headers: dict[str, str] | None = None,
         param: str | None = None,
+        details: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code or self.default_code
         self.headers = headers
         self.param = param
+        self.details = details  # more fields of the error object, e.g. the bad lines of a file
 
 
 class InvalidRequest(AppError):
@@ -79,6 +87,12 @@ class PayloadTooLarge(AppError):
     default_code = "payload_too_large"
 
 
+class UnsupportedMediaType(AppError):
+    status_code = 415
+    type = "invalid_request_error"
+    default_code = "unsupported_media_type"
+
+
 class RateLimited(AppError):
     status_code = 429
     type = "rate_limit_error"
@@ -91,18 +105,45 @@ class ServiceUnavailable(AppError):
     default_code = "service_unavailable"
 
 
-def error_body(type_: str, message: str, code: str, param: str | None = None) -> dict[str, Any]:
-    """The one error shape."""
-    error: dict[str, Any] = {"type": type_, "message": message, "code": code}
-    if param is not None:
-        error["param"] = param
+OPENAI_PREFIX = "/v1/"
+OPENAI_CODES = {"prompt_too_long": "context_length_exceeded"}  # ours → OpenAI's name
+NO_RETRY = {"x-should-retry": "false"}  # honoured by OpenAI's SDKs
+
+
+def error_body(
+    type_: str,
+    message: str,
+    code: str,
+    param: str | None = None,
+    details: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The one error shape (`details` adds fields beside type, message, code and param)."""
+    error: dict[str, Any] = {"type": type_, "message": message, "code": code, "param": param}
+    error.update(details or {})
     return {"error": error}
 
 
-def error_response(exc: AppError) -> JSONResponse:
+def render_error(
+    request: Request | None,
+    status: int,
+    body: dict[str, Any],
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """The error response, in OpenAI's dialect under /v1/; 409s say not to retry."""
+    if request is not None and request.url.path.startswith(OPENAI_PREFIX):
+        if status == 422:
+            status = 400
+        error = body["error"]
+        error["code"] = OPENAI_CODES.get(error["code"], error["code"])
+    if status == 409:
+        headers = {**NO_RETRY, **(headers or {})}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def error_response(exc: AppError, request: Request | None = None) -> JSONResponse:
     """Render an AppError."""
-    body = error_body(exc.type, exc.message, exc.code, exc.param)
-    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+    body = error_body(exc.type, exc.message, exc.code, exc.param, exc.details)
+    return render_error(request, exc.status_code, body, exc.headers)
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:
@@ -128,27 +169,25 @@ def install_error_handlers(app: FastAPI) -> None:
     """Render every error, expected or not, in the one shape."""
 
     @app.exception_handler(AppError)
-    async def _app_error(_request: Request, exc: AppError) -> JSONResponse:
-        return error_response(exc)
+    async def _app_error(request: Request, exc: AppError) -> JSONResponse:
+        return error_response(exc, request)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, code, param, status = validation_message(exc)
-        return JSONResponse(error_body("invalid_request_error", message, code, param), status)
+        body = error_body("invalid_request_error", message, code, param)
+        return render_error(request, status, body)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = {404: "not_found_error", 405: "invalid_request_error"}.get(
             exc.status_code, "http_error"
         )
         code = {404: "route_not_found", 405: "method_not_allowed"}.get(
             exc.status_code, "http_error"
         )
-        return JSONResponse(
-            error_body(kind, str(exc.detail), code),
-            exc.status_code,
-            headers=getattr(exc, "headers", None),
-        )
+        body = error_body(kind, str(exc.detail), code)
+        return render_error(request, exc.status_code, body, getattr(exc, "headers", None))
 
     @app.exception_handler(OperationalError)
     async def _db_down(_request: Request, exc: OperationalError) -> JSONResponse:
