@@ -1,4 +1,4 @@
-"""Server-sent events: a streamed answer framed as OpenAI's chat.completion.chunk events.
+"""Server-sent events: a streamed answer framed as OpenAI's chunk events (chat or text).
 
 The stream is the role chunk, a content chunk per piece of text, the finish chunk, the usage chunk
 (when asked for) and `data: [DONE]`. A failure after the first token cannot change the status line
@@ -36,18 +36,33 @@ def sse_event(data: dict[str, Any]) -> str:
 class ChunkWriter:
     """Formats chat.completion.chunk events sharing one id, timestamp and model."""
 
+    object = "chat.completion.chunk"
+    id_prefix = "chatcmpl-"
+
     def __init__(self, model_id: str, extra: dict[str, Any]) -> None:
         self.head = {
-            "id": completion_id(),
-            "object": "chat.completion.chunk",
+            "id": completion_id(self.id_prefix),
+            "object": self.object,
             "created": int(time.time()),
             "model": model_id,
             **extra,
         }
 
+    def start(self) -> list[str]:
+        """What opens the stream: the assistant role."""
+        return [self.delta({"role": "assistant", "content": ""})]
+
+    def text(self, text: str) -> str:
+        """A piece of the answer."""
+        return self.delta({"content": text})
+
+    def finish(self, finish_reason: str) -> str:
+        """The last content event: why the answer ended."""
+        return self.delta({}, finish_reason)
+
     def delta(self, delta: dict[str, str], finish_reason: str | None = None) -> str:
         """One event with one choice."""
-        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return sse_event({**self.head, "choices": [choice]})
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> str:
@@ -56,24 +71,46 @@ class ChunkWriter:
         return sse_event({**self.head, "choices": [], "usage": usage})
 
 
+class TextChunkWriter(ChunkWriter):
+    """Formats a streamed text completion: `text_completion` events with `text` choices."""
+
+    object = "text_completion"
+    id_prefix = "cmpl-"
+
+    def start(self) -> list[str]:
+        return []
+
+    def text(self, text: str) -> str:
+        return self._choice(text, None)
+
+    def finish(self, finish_reason: str) -> str:
+        return self._choice("", finish_reason)
+
+    def _choice(self, text: str, finish_reason: str | None) -> str:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return sse_event({**self.head, "choices": [choice]})
+
+
 def sse_response(
     model_id: str,
     events: StreamEvents,
     *,
     include_usage: bool,
     extra: dict[str, Any] | None = None,
+    writer: type[ChunkWriter] = ChunkWriter,
 ) -> StreamingResponse:
     """The streamed answer as a `text/event-stream` response (`extra` goes into every chunk)."""
-    frames = sse_frames(events, ChunkWriter(model_id, extra or {}), include_usage)
+    frames = sse_frames(events, writer(model_id, extra or {}), include_usage)
     return StreamingResponse(frames, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 async def sse_frames(
     events: StreamEvents, chunks: ChunkWriter, include_usage: bool
 ) -> AsyncIterator[str]:
-    """Role chunk, then each event's frames; closing the response closes the answer's stream."""
+    """The opening chunk, then each event's frames; closing the response closes the stream."""
     try:
-        yield chunks.delta({"role": "assistant", "content": ""})
+        for frame in chunks.start():
+            yield frame
         async for event in events:
             for frame in _frames_of(event, chunks, include_usage):
                 yield frame
@@ -84,10 +121,10 @@ async def sse_frames(
 def _frames_of(event: StreamEvent, chunks: ChunkWriter, include_usage: bool) -> list[str]:
     """The SSE frames of one event."""
     if isinstance(event, TextChunk):
-        return [chunks.delta({"content": event.text})]
+        return [chunks.text(event.text)]
     if isinstance(event, StreamFailed):
         error = event.error
         return [sse_event(error_body(error.type, error.message, error.code))]
-    finish = [chunks.delta({}, event.finish_reason)]
+    finish = [chunks.finish(event.finish_reason)]
     usage = [chunks.usage(event.prompt_tokens, event.completion_tokens)] if include_usage else []
     return [*finish, *usage, DONE]

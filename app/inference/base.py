@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,13 @@ class AdapterRef:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One chat generation, already validated against the service limits."""
+    """One generation, already validated against the service limits.
+
+    A chat request has `messages` (the chat template applies); a text completion has `prompt`
+    instead (raw text, no template). `n` answers share the prompt. `logprobs` None asks for none;
+    k >= 0 asks for each generated token's log-probability and the k likeliest alternatives.
+    Penalties and `logit_bias` follow OpenAI's definitions (additive, on the logits).
+    """
 
     messages: list[dict[str, str]]
     max_tokens: int
@@ -27,6 +33,13 @@ class GenerationRequest:
     top_p: float = 1.0
     stop: tuple[str, ...] = field(default_factory=tuple)
     seed: int | None = None
+    n: int = 1
+    logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    response_format: ResponseFormat | None = None
+    prompt: str | None = None
 
     @property
     def greedy(self) -> bool:
@@ -35,13 +48,52 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
-class GenerationResult:
-    """The text of a finished generation and its token counts."""
+class ResponseFormat:
+    """Constrained output: any JSON object (`schema` None), or JSON matching `schema`."""
+
+    schema: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token: its text, log-probability, and the likeliest alternatives."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class GeneratedText:
+    """One answer (a choice): its text, why it ended, its length, and log-probs if asked."""
 
     text: str
     finish_reason: str
-    prompt_tokens: int
     completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The answers of a finished generation (one per `n`) and the prompt's token count."""
+
+    choices: tuple[GeneratedText, ...]
+    prompt_tokens: int
+
+    @property
+    def text(self) -> str:
+        """The first answer's text."""
+        return self.choices[0].text
+
+    @property
+    def finish_reason(self) -> str:
+        """Why the first answer ended."""
+        return self.choices[0].finish_reason
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated over all answers (what usage reports)."""
+        return sum(c.completion_tokens for c in self.choices)
 
 
 @dataclass(frozen=True)

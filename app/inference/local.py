@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import json
 import logging
 import threading
 import time
@@ -25,9 +26,12 @@ from app.core.errors import ServiceUnavailable
 from app.inference.base import (
     AdapterLoadObserver,
     AdapterRef,
+    GeneratedText,
     GenerationRequest,
     GenerationResult,
+    ResponseFormat,
     StreamDelta,
+    TokenLogprob,
 )
 from foundation.model import default_device, load_model, load_tokenizer
 
@@ -151,6 +155,7 @@ class LocalEngine:
         self.peft: Any = None  # the PeftModel wrapping `base`, once an adapter is loaded
         self.adapters: OrderedDict[str, AdapterRef] = OrderedDict()
         self.max_adapters = max_adapters
+        self._grammar_compiler: Any = None  # xgrammar's, built on the first JSON-mode request
         log.info("local inference: loaded %s on %s", model_dir, self.device)
 
     def generate(
@@ -164,20 +169,18 @@ class LocalEngine:
         import torch
         from transformers import StoppingCriteriaList
 
+        # Greedy answers are all the same: generate one and repeat it, as vLLM's are identical.
+        rows = 1 if request.greedy else request.n
         try:
             with self._selected(adapter) as model:
-                inputs = self.tokenizer.apply_chat_template(
-                    request.messages,
-                    add_generation_prompt=True,
-                    return_tensors="pt",
-                    return_dict=True,
-                ).to(self.device)
+                inputs = self._inputs(request)
                 if request.seed is not None:
                     torch.manual_seed(request.seed)
                 with torch.inference_mode():
                     output = model.generate(
                         **inputs,
-                        generation_config=self._generation_config(request),
+                        generation_config=self._generation_config(request, rows),
+                        logits_processor=self._logits_processors(request),
                         streamer=streamer,
                         tokenizer=self.tokenizer,
                         stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]),
@@ -185,8 +188,104 @@ class LocalEngine:
         finally:
             if streamer is not None:
                 streamer.end()  # also when generation failed: the reader must not wait forever
-        new_tokens = output[0, inputs["input_ids"].shape[1] :].tolist()
-        return self._result(request, new_tokens, int(inputs["input_ids"].shape[1]))
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        choices = [self._choice(request, output, row, prompt_tokens) for row in range(rows)]
+        return GenerationResult(tuple(choices * (request.n // rows)), prompt_tokens)
+
+    def _inputs(self, request: GenerationRequest) -> Any:
+        """The prompt's token ids: the chat template for messages, plain text for a completion."""
+        if request.prompt is not None:
+            encoded = self.tokenizer(request.prompt, return_tensors="pt")
+        else:
+            encoded = self.tokenizer.apply_chat_template(
+                request.messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
+        return encoded.to(self.device)
+
+    def _logits_processors(self, request: GenerationRequest) -> Any:
+        """Penalties, logit bias and the JSON grammar, then temperature and top-p, in that order.
+
+        Sampling warpers are ours rather than generate()'s, which would run them first: a bias
+        or a grammar must act on the whole distribution before top-p cuts it.
+        """
+        from transformers import (
+            LogitsProcessorList,
+            SequenceBiasLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        processors: list[Any] = []
+        if request.presence_penalty or request.frequency_penalty:
+            processors.append(OpenAIPenalties(request.presence_penalty, request.frequency_penalty))
+        if request.logit_bias:
+            processors.append(
+                SequenceBiasLogitsProcessor([[[token], bias] for token, bias in request.logit_bias])
+            )
+        if request.response_format is not None:
+            processors.append(self._grammar(request.response_format))
+        if not request.greedy:
+            if request.temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(request.temperature))
+            if request.top_p < 1.0:
+                processors.append(TopPLogitsWarper(request.top_p))
+        return LogitsProcessorList(processors)
+
+    def _grammar(self, response_format: ResponseFormat) -> Any:
+        """A fresh xgrammar logits processor (one per generate call) for JSON output."""
+        import xgrammar
+        from xgrammar.contrib.hf import LogitsProcessor
+
+        if self._grammar_compiler is None:
+            info = xgrammar.TokenizerInfo.from_huggingface(
+                self.tokenizer, vocab_size=self.base.config.vocab_size
+            )
+            self._grammar_compiler = xgrammar.GrammarCompiler(info)
+        compiler = self._grammar_compiler
+        if response_format.schema is None:
+            compiled = compiler.compile_builtin_json_grammar()
+        else:
+            compiled = compiler.compile_json_schema(json.dumps(response_format.schema))
+        return LogitsProcessor(compiled)
+
+    def _choice(
+        self, request: GenerationRequest, output: Any, row: int, prompt_tokens: int
+    ) -> GeneratedText:
+        """One answer: its tokens up to the end of turn, cut at a stop string, with log-probs."""
+        eos = set(_as_list(self.base.generation_config.eos_token_id))
+        tokens: list[int] = output.sequences[row, prompt_tokens:].tolist()
+        ended = next((i for i, t in enumerate(tokens) if t in eos), None)
+        if ended is not None:  # later positions of a batch row are padding
+            tokens = tokens[: ended + 1]
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        cut = first_stop(text, request.stop)
+        if cut is not None:
+            text = text[:cut]
+        stopped = ended is not None or cut is not None or len(tokens) < request.max_tokens
+        logprobs = None
+        if request.logprobs is not None:
+            shown = tokens[:ended] if ended is not None else tokens
+            logprobs = self._logprobs(output.logits, row, shown, request.logprobs, len(text))
+        return GeneratedText(text, "stop" if stopped else "length", len(tokens), logprobs)
+
+    def _logprobs(
+        self, logits: Any, row: int, tokens: list[int], top: int, text_length: int
+    ) -> tuple[TokenLogprob, ...]:
+        """Each shown token's log-probability under the model (raw, before sampling changes)."""
+        import torch
+
+        out: list[TokenLogprob] = []
+        length = 0
+        for step, token in enumerate(tokens):
+            if length >= text_length:  # the rest was cut by a stop string
+                break
+            logp = torch.log_softmax(logits[step][row].float(), dim=-1)
+            text = self.tokenizer.decode([token])
+            best = torch.topk(logp, top).indices.tolist() if top else []
+            alternatives = tuple((self.tokenizer.decode([i]), float(logp[i])) for i in best)
+            out.append(TokenLogprob(text, float(logp[token]), alternatives))
+            length += len(text)
+        return tuple(out)
 
     def drop(self, name: str) -> None:
         """Delete an adapter from the model (no-op if it is not loaded)."""
@@ -246,31 +345,46 @@ class LocalEngine:
             ) from exc
         log.info("local inference: loaded adapter %s from %s", adapter.name, adapter.path)
 
-    def _generation_config(self, request: GenerationRequest) -> Any:
-        """Greedy when temperature is 0, else nucleus sampling; nothing else is inherited."""
+    def _generation_config(self, request: GenerationRequest, rows: int) -> Any:
+        """Greedy when temperature is 0, else sampling; nothing else is inherited.
+
+        Temperature and top-p are left to `_logits_processors`, which applies them last.
+        """
         config = copy.deepcopy(self.base.generation_config)
         config.max_new_tokens = request.max_tokens
         config.do_sample = not request.greedy
-        config.temperature = None if request.greedy else request.temperature
-        config.top_p = None if request.greedy else request.top_p
+        config.num_return_sequences = rows
+        config.temperature = None
+        config.top_p = None
         config.top_k = None  # vLLM and OpenAI apply no top-k unless asked
         config.stop_strings = list(request.stop) or None
+        config.return_dict_in_generate = True
+        config.output_logits = request.logprobs is not None  # raw, as vLLM's logprobs are
         return config
 
-    def _result(
-        self, request: GenerationRequest, new_tokens: list[int], prompt_tokens: int
-    ) -> GenerationResult:
-        """Decode, cut at a stop string (which is not returned, as in vLLM), and count."""
-        eos = set(_as_list(self.base.generation_config.eos_token_id))
-        hit_eos = bool(new_tokens) and new_tokens[-1] in eos
-        text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
-        cut = first_stop(text, request.stop)
-        if cut is not None:
-            text = text[:cut]
-        stopped = hit_eos or cut is not None or len(new_tokens) < request.max_tokens
-        return GenerationResult(
-            text, "stop" if stopped else "length", prompt_tokens, len(new_tokens)
-        )
+
+class OpenAIPenalties:
+    """OpenAI's presence and frequency penalties on the tokens generated so far (additive).
+
+    logits[t] -= presence * [count(t) > 0] + frequency * count(t), as OpenAI and vLLM define them
+    (transformers' repetition_penalty is multiplicative and counts the prompt: another thing).
+    """
+
+    def __init__(self, presence: float, frequency: float) -> None:
+        self.presence = presence
+        self.frequency = frequency
+        self.prompt_length: int | None = None
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        if self.prompt_length is None:  # the first call sees only the prompt
+            self.prompt_length = int(input_ids.shape[1])
+        generated = input_ids[:, self.prompt_length :]
+        counts = torch.zeros_like(scores)
+        if generated.shape[1]:
+            counts.scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self.presence * (counts > 0).to(scores.dtype) - self.frequency * counts
 
 
 class _Cancelled:

@@ -36,6 +36,7 @@ class PromptTokenCounter:
         self._warned = False
         self._encode: Callable[[str], int] | None = None
         self._render: Callable[[Messages], str] | None = None
+        self._vocab_size: int | None = None
 
     @property
     def exact(self) -> bool:
@@ -50,6 +51,19 @@ class PromptTokenCounter:
             return estimate_tokens(messages)
         return self._encode(self._render(messages))
 
+    def count_text(self, text: str) -> int:
+        """Tokens of a raw text prompt (no template), as a text completion sends it."""
+        self._ensure_loaded()
+        if self._encode is None:
+            return math.ceil(len(text) / CHARS_PER_TOKEN_ESTIMATE)
+        return self._encode(text)
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The tokenizer's vocabulary size (None while counts are estimated)."""
+        self._ensure_loaded()
+        return self._vocab_size
+
     def _ensure_loaded(self) -> None:
         """Load tokenizer and template once the model folder exists (thread-safe)."""
         with self._lock:
@@ -57,7 +71,7 @@ class PromptTokenCounter:
                 return
             folder = self._model_dir()
             if (folder / "tokenizer.json").is_file():
-                self._encode, self._render = _load_exact(folder)
+                self._encode, self._render, self._vocab_size = _load_exact(folder)
                 self._loaded = True  # for good: exact, or estimated when the libraries are absent
             if self._encode is None and not self._warned:
                 log.warning("prompt tokens estimated from characters (no tokenizer in %s)", folder)
@@ -70,17 +84,17 @@ def estimate_tokens(messages: Messages) -> int:
     return math.ceil(chars / CHARS_PER_TOKEN_ESTIMATE) + TOKENS_PER_MESSAGE_ESTIMATE * len(messages)
 
 
-def _load_exact(folder: Path) -> tuple[Encode | None, Render | None]:
-    """(encode → count, render) from tokenizer.json and the chat template, or (None, None)."""
+def _load_exact(folder: Path) -> tuple[Encode | None, Render | None, int | None]:
+    """(encode → count, render, vocabulary size) from tokenizer.json and the chat template."""
     try:
         from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
         from tokenizers import Tokenizer
     except ImportError:
-        return None, None
+        return None, None, None
     template_text, special = _chat_template(folder)
     if template_text is None:
-        return None, None
+        return None, None, None
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
@@ -98,7 +112,7 @@ def _load_exact(folder: Path) -> tuple[Encode | None, Render | None]:
         # The template already holds the special tokens, as in apply_chat_template.
         return len(tokenizer.encode(text, add_special_tokens=False).ids)
 
-    return encode, render
+    return encode, render, tokenizer.get_vocab_size(with_added_tokens=True)
 
 
 def _chat_template(folder: Path) -> tuple[str | None, dict[str, Any]]:

@@ -24,9 +24,12 @@ from app.core.errors import AppError, BadRequest, RateLimited, ServiceUnavailabl
 from app.inference.base import (
     AdapterLoadObserver,
     AdapterRef,
+    GeneratedText,
     GenerationRequest,
     GenerationResult,
+    ResponseFormat,
     StreamDelta,
+    TokenLogprob,
 )
 
 log = logging.getLogger(__name__)
@@ -68,7 +71,9 @@ class VllmBackend:
     ) -> GenerationResult:
         """One non-streamed chat completion."""
         async with self._using(adapter) as model:
-            response = await self._chat(_payload(request, model, stream=False), adapter)
+            response = await self._chat(
+                _path(request), _payload(request, model, stream=False), adapter
+            )
         return _result(response.json())
 
     async def stream(
@@ -76,7 +81,8 @@ class VllmBackend:
     ) -> AsyncIterator[StreamDelta]:
         """A streamed chat completion, its deltas passed through as they arrive."""
         async with self._using(adapter) as model:
-            response = await self._chat(_payload(request, model, stream=True), adapter)
+            payload = _payload(request, model, stream=True)
+            response = await self._chat(_path(request), payload, adapter)
             try:
                 async for delta in _deltas(response, self._timeout_s):
                     yield delta
@@ -199,22 +205,24 @@ class VllmBackend:
 
     # --- HTTP -----------------------------------------------------------------------------------
 
-    async def _chat(self, payload: dict[str, Any], adapter: AdapterRef | None) -> httpx.Response:
-        """POST /v1/chat/completions; reload a forgotten adapter and retry once; map errors."""
-        response = await self._send_chat(payload)
+    async def _chat(
+        self, path: str, payload: dict[str, Any], adapter: AdapterRef | None
+    ) -> httpx.Response:
+        """POST a (chat) completion; reload a forgotten adapter and retry once; map errors."""
+        response = await self._send_chat(path, payload)
         if adapter is not None and await _model_missing(response):
             log.warning("vLLM does not know %s (restarted?): reloading it", adapter.name)
             await self._ensure_loaded(adapter, reload=True)
-            response = await self._send_chat(payload)
+            response = await self._send_chat(path, payload)
         if response.is_error:
             await response.aread()
             await response.aclose()
             _raise_for_error(response, "chat completion")
         return response
 
-    async def _send_chat(self, payload: dict[str, Any]) -> httpx.Response:
-        """Send a chat completion; the body is left unread when streaming."""
-        request = self._http.build_request("POST", "/v1/chat/completions", json=payload)
+    async def _send_chat(self, path: str, payload: dict[str, Any]) -> httpx.Response:
+        """Send a (chat) completion; the body is left unread when streaming."""
+        request = self._http.build_request("POST", path, json=payload)
         return await self._guard(self._http.send(request, stream=bool(payload["stream"])))
 
     async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -242,38 +250,107 @@ class VllmBackend:
 
 
 def _payload(request: GenerationRequest, model: str, *, stream: bool) -> dict[str, Any]:
-    """The OpenAI chat-completions body vLLM expects."""
+    """The OpenAI chat-completions (or, for a text prompt, completions) body vLLM expects."""
     payload: dict[str, Any] = {
         "model": model,
-        "messages": request.messages,
         "max_tokens": request.max_tokens,
         "temperature": request.temperature,
         "top_p": request.top_p,
+        "n": request.n,
         "stream": stream,
     }
+    if request.prompt is not None:
+        payload["prompt"] = request.prompt
+        if request.logprobs is not None:
+            payload["logprobs"] = request.logprobs
+    else:
+        payload["messages"] = request.messages
+        if request.logprobs is not None:
+            payload["logprobs"] = True
+            payload["top_logprobs"] = request.logprobs
     if request.stop:
         payload["stop"] = list(request.stop)
     if request.seed is not None:
         payload["seed"] = request.seed
+    if request.presence_penalty:
+        payload["presence_penalty"] = request.presence_penalty
+    if request.frequency_penalty:
+        payload["frequency_penalty"] = request.frequency_penalty
+    if request.logit_bias:
+        payload["logit_bias"] = {str(token): bias for token, bias in request.logit_bias}
+    if request.response_format is not None:
+        payload["response_format"] = _response_format(request.response_format)
     if stream:
         payload["stream_options"] = {"include_usage": True}
     return payload
 
 
+def _response_format(response_format: ResponseFormat) -> dict[str, Any]:
+    """OpenAI's response_format for JSON mode, or for a JSON schema."""
+    if response_format.schema is None:
+        return {"type": "json_object"}
+    return {
+        "type": "json_schema",
+        "json_schema": {"name": "response", "schema": response_format.schema},
+    }
+
+
+def _path(request: GenerationRequest) -> str:
+    """The vLLM route: chat completions, or completions for a raw text prompt."""
+    return "/v1/completions" if request.prompt is not None else "/v1/chat/completions"
+
+
 def _result(body: dict[str, Any]) -> GenerationResult:
-    """GenerationResult from a chat.completion body."""
-    choice = body["choices"][0]
+    """GenerationResult from a chat.completion or text_completion body."""
+    choices = sorted(body["choices"], key=lambda c: int(c.get("index", 0)))
     usage = body.get("usage") or {}
-    return GenerationResult(
-        choice["message"].get("content") or "",
-        choice.get("finish_reason") or "stop",
-        int(usage.get("prompt_tokens", 0)),
-        int(usage.get("completion_tokens", 0)),
+    prompt_tokens = int(usage.get("prompt_tokens", 0))
+    # vLLM reports usage for all n answers together; split it evenly when it gives no per-choice
+    # counts (each answer's own length is what the choices' token logprobs count, if asked).
+    total = int(usage.get("completion_tokens", 0))
+    share, extra = divmod(total, max(len(choices), 1))
+    out = []
+    for i, choice in enumerate(choices):
+        text = choice["text"] if "text" in choice else (choice.get("message") or {}).get("content")
+        out.append(
+            GeneratedText(
+                text or "",
+                choice.get("finish_reason") or "stop",
+                share + (1 if i < extra else 0),
+                _logprobs(choice.get("logprobs")),
+            )
+        )
+    return GenerationResult(tuple(out), prompt_tokens)
+
+
+def _logprobs(value: dict[str, Any] | None) -> tuple[TokenLogprob, ...] | None:
+    """Token log-probs from a chat choice (`content` list) or a completions choice (lists)."""
+    if not value:
+        return None
+    if "content" in value:
+        return tuple(
+            TokenLogprob(
+                t["token"],
+                float(t["logprob"]),
+                tuple((a["token"], float(a["logprob"])) for a in t.get("top_logprobs") or []),
+            )
+            for t in value["content"] or []
+        )
+    tops = value.get("top_logprobs") or []
+    return tuple(
+        TokenLogprob(
+            token,
+            float(logprob),
+            tuple((k, float(v)) for k, v in (tops[i] or {}).items()) if i < len(tops) else (),
+        )
+        for i, (token, logprob) in enumerate(
+            zip(value.get("tokens") or [], value.get("token_logprobs") or [], strict=False)
+        )
     )
 
 
 async def _deltas(response: httpx.Response, timeout_s: float) -> AsyncIterator[StreamDelta]:
-    """StreamDeltas from vLLM's server-sent chat.completion.chunk events."""
+    """StreamDeltas from vLLM's server-sent chunk events (chat or text completion)."""
     finish: str | None = None
     usage: dict[str, Any] = {}
     async for chunk in _events(response, timeout_s):
@@ -286,7 +363,7 @@ async def _deltas(response: httpx.Response, timeout_s: float) -> AsyncIterator[S
         usage = chunk.get("usage") or usage
         for choice in chunk.get("choices", []):
             finish = choice.get("finish_reason") or finish
-            text = (choice.get("delta") or {}).get("content")
+            text = choice.get("text") or (choice.get("delta") or {}).get("content")
             if text:
                 yield StreamDelta(text)
     yield StreamDelta(

@@ -6,11 +6,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from app.inference.base import ResponseFormat
 from app.schemas.common import StrictModel
 
 ADAPTER_PATTERN = r"^(active|base|v?[1-9][0-9]{0,8})$"
 MAX_STOP_STRINGS = 4
 MAX_SEED = 2**32 - 1
+MAX_CHOICES = 8
+MAX_TOP_LOGPROBS = 20  # OpenAI's limits
+MAX_COMPLETION_LOGPROBS = 5
+MAX_LOGIT_BIAS = 300
 
 
 class ChatMessage(StrictModel):
@@ -114,23 +119,101 @@ class OpenAIMessage(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
-class ChatCompletionIn(SamplingIn):
-    """OpenAI's chat-completions request; unknown fields are ignored, as OpenAI clients expect."""
+class JsonSchemaIn(BaseModel):
+    """OpenAI's `response_format.json_schema`: the answer is JSON matching `schema`."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(max_length=64)
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatIn(StrictModel):
+    """`{"type": "text"}`, JSON mode `{"type": "json_object"}`, or a `json_schema`."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaIn | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormatIn:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("give `json_schema` exactly when type is 'json_schema'")
+        return self
+
+
+class OpenAIRequestIn(SamplingIn):
+    """What OpenAI's chat and text completions share.
+
+    An explicit `null` means the default, as in OpenAI's API. Fields we cannot honour are refused
+    with a 400 naming them, never silently dropped.
+    """
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str = Field(
         max_length=200, description="`user:<id>`, `user:<id>:v<N>` or `user:<id>:base`."
     )
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description=f"Answers to generate (1-{MAX_CHOICES}).")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Token id (as a string) → bias in [-100, 100] added to its logit."
+    )
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(
+        None, max_length=256, description="Your end user's id; written to the request log."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (value or {}).items():
+            if not token.isdigit() or not -100.0 <= bias <= 100.0:
+                raise ValueError("keys are token ids, values biases in [-100, 100]")
+        if value and len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens")
+        return value
+
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def engine_options(self) -> dict[str, Any]:
+        """The GenerationRequest fields beyond SamplingIn's."""
+        return {
+            "n": self.n,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "logit_bias": tuple((int(t), b) for t, b in (self.logit_bias or {}).items()),
+        }
+
+
+class ChatCompletionIn(OpenAIRequestIn):
+    """OpenAI's chat-completions request."""
+
     messages: list[OpenAIMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens.")
-    n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
-    stream_options: StreamOptions | None = None
-    tools: list[Any] | None = Field(None, description="Not supported; must be absent.")
+    logprobs: bool = Field(False, description="Return each answer token's log-probability.")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="Alternatives per token (needs logprobs)."
+    )
+    response_format: ResponseFormatIn | None = None
+    tools: list[Any] | None = Field(None, description="Not supported; must be absent or empty.")
+    tool_choice: Literal["none", "auto"] | None = Field(None, description="Only without tools.")
+    parallel_tool_calls: bool | None = Field(None, description="Accepted; there are no tools.")
 
     @model_validator(mode="after")
     def _supported(self) -> ChatCompletionIn:
@@ -138,6 +221,8 @@ class ChatCompletionIn(SamplingIn):
             raise ValueError("tools are not supported")
         if any(not m.plain()["content"] for m in self.messages):
             raise ValueError("messages must not be empty")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
         return self
 
     def chat(self) -> list[dict[str, str]]:
@@ -148,6 +233,61 @@ class ChatCompletionIn(SamplingIn):
         """max_completion_tokens, else max_tokens."""
         return self.max_completion_tokens or self.max_tokens
 
+    def engine_options(self) -> dict[str, Any]:
+        options = super().engine_options()
+        if self.logprobs:
+            options["logprobs"] = self.top_logprobs or 0
+        if self.response_format is not None and self.response_format.type != "text":
+            schema = self.response_format.json_schema
+            options["response_format"] = ResponseFormat(schema.json_schema if schema else None)
+        return options
+
+
+class CompletionIn(OpenAIRequestIn):
+    """OpenAI's (legacy) text-completions request: raw text in, its continuation out."""
+
+    prompt: str | list[str] = Field(description="The text to continue (one prompt).")
+    max_tokens: int | None = Field(16, ge=1, description="Most tokens to generate (OpenAI: 16).")
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_COMPLETION_LOGPROBS, description="Alternatives per token."
+    )
+    echo: bool = Field(False, description="Only false: the prompt is not repeated.")
+    suffix: None = Field(None, description="Not supported.")
+    best_of: int | None = Field(None, ge=1, description="Only equal to n.")
+
+    @model_validator(mode="after")
+    def _supported(self) -> CompletionIn:
+        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        if len(prompts) != 1 or not prompts[0] or len(prompts[0]) > 200_000:
+            raise ValueError("give one prompt of 1-200000 characters")
+        if self.echo:
+            raise ValueError("echo is not supported")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of other than n is not supported")
+        return self
+
+    def text(self) -> str:
+        """The one prompt."""
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def engine_options(self) -> dict[str, Any]:
+        return {**super().engine_options(), "prompt": self.text(), "logprobs": self.logprobs}
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobOut(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobOut] | None
+    refusal: None = None
+
 
 class ChoiceMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
@@ -157,6 +297,7 @@ class ChoiceMessage(BaseModel):
 class Choice(BaseModel):
     index: int = 0
     message: ChoiceMessage
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str
 
 
@@ -169,11 +310,36 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str
+
+
+class TextCompletion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    root: str = Field(description="What the id resolves to now (a version, or the base model).")
+    parent: str | None = Field(description="The base model an adapter version is trained on.")
 
 
 class ModelList(BaseModel):

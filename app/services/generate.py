@@ -25,16 +25,22 @@ from app.core.errors import AppError, InvalidRequest, NotFound, ServiceUnavailab
 from app.core.metrics import Metrics
 from app.core.security import Principal, validate_user_id
 from app.inference import InferenceBackend, build_backend, model_folder
-from app.inference.base import GenerationRequest, GenerationResult, StreamDelta
+from app.inference.base import GenerationRequest, GenerationResult, StreamDelta, TokenLogprob
 from app.inference.tokens import PromptTokenCounter
 from app.models import Adapter, User
 from app.schemas.generate import (
     ChatCompletion,
     Choice,
+    ChoiceLogprobs,
     ChoiceMessage,
+    CompletionChoice,
+    CompletionLogprobs,
     GenerateOut,
     ModelCard,
     SamplingIn,
+    TextCompletion,
+    TokenLogprobOut,
+    TopLogprob,
     Usage,
 )
 from app.services import adapters as adapter_service
@@ -107,15 +113,28 @@ class GenerateHandler:
         messages: list[dict[str, str]],
         sampling: SamplingIn,
         max_tokens: int | None,
+        *,
+        options: dict[str, Any] | None = None,
+        stream: bool = False,
     ) -> GenerateCall:
-        """Check the limits, resolve the adapter (404 for unknown users and versions)."""
+        """Check the limits, resolve the adapter (404 for unknown users and versions).
+
+        `options` are the further GenerationRequest fields the OpenAI surface sets (n, logprobs,
+        penalties, logit bias, response format, a raw text prompt).
+        """
         served = adapter_service.resolve(session, user_id, selector, self.settings.adapter_store)
-        request = self._request(messages, sampling, max_tokens)
+        request = self._request(messages, sampling, max_tokens, options or {})
+        if stream:
+            _check_streamable(request)
         self._note_served(served)
         return GenerateCall(served, request)
 
     def _request(
-        self, messages: list[dict[str, str]], sampling: SamplingIn, max_tokens: int | None
+        self,
+        messages: list[dict[str, str]],
+        sampling: SamplingIn,
+        max_tokens: int | None,
+        options: dict[str, Any],
     ) -> GenerationRequest:
         """The engine request, refused with a clear 422 when over a limit."""
         limit = self.settings.max_new_tokens
@@ -132,7 +151,8 @@ class GenerateHandler:
                 "too_many_messages",
                 param="messages",
             )
-        self._check_prompt_length(messages)
+        self._check_prompt_length(messages, options.get("prompt"))
+        self._check_logit_bias(options.get("logit_bias", ()))
         return GenerationRequest(
             messages,
             tokens,
@@ -140,12 +160,15 @@ class GenerateHandler:
             sampling.top_p,
             sampling.stop_tuple(),
             sampling.seed,
+            **options,
         )
 
-    def _check_prompt_length(self, messages: list[dict[str, str]]) -> None:
-        """422 when the templated prompt has more tokens than MAX_PROMPT_TOKENS."""
+    def _check_prompt_length(self, messages: list[dict[str, str]], prompt: str | None) -> None:
+        """422 when the (templated) prompt has more tokens than MAX_PROMPT_TOKENS."""
         try:
-            count = self.counter.count(messages)
+            count = (
+                self.counter.count(messages) if prompt is None else self.counter.count_text(prompt)
+            )
         except ValueError as exc:  # the chat template refused the conversation
             raise InvalidRequest(str(exc), "invalid_messages", param="messages") from exc
         if count > self.settings.max_prompt_tokens:
@@ -153,7 +176,20 @@ class GenerateHandler:
                 f"The prompt has {count} tokens; the most this server accepts is "
                 f"{self.settings.max_prompt_tokens}",
                 "prompt_too_long",
-                param="messages",
+                param="messages" if prompt is None else "prompt",
+            )
+
+    def _check_logit_bias(self, bias: tuple[tuple[int, float], ...]) -> None:
+        """422 for a token id outside the model's vocabulary (when the tokenizer is known)."""
+        size = self.counter.vocab_size
+        if size is None:  # estimated counts: the engine itself refuses a bad id
+            return
+        bad = [token for token, _ in bias if token >= size]
+        if bad:
+            raise InvalidRequest(
+                f"logit_bias names token {bad[0]}; the model's token ids are 0-{size - 1}",
+                "invalid_logit_bias",
+                param="logit_bias",
             )
 
     # --- the backend call ----------------------------------------------------------------------
@@ -268,6 +304,18 @@ class GenerateHandler:
         task.add_done_callback(self._tasks.discard)
 
 
+def _check_streamable(request: GenerationRequest) -> None:
+    """Streams carry one answer without log-probs; say so rather than drop either."""
+    if request.n > 1:
+        raise InvalidRequest(
+            "n > 1 cannot be streamed; ask without stream", "unsupported", param="n"
+        )
+    if request.logprobs is not None:
+        raise InvalidRequest(
+            "logprobs cannot be streamed; ask without stream", "unsupported", param="logprobs"
+        )
+
+
 # --- response shapes ----------------------------------------------------------------------------
 
 
@@ -292,21 +340,84 @@ def generate_out(call: GenerateCall, result: GenerationResult) -> GenerateOut:
 
 
 def chat_completion(call: GenerateCall, result: GenerationResult) -> ChatCompletion:
-    """The OpenAI chat.completion answer."""
+    """The OpenAI chat.completion answer (one choice per `n`)."""
     return ChatCompletion(
         id=completion_id(),
         created=int(time.time()),
         model=call.served.model_id,
         choices=[
-            Choice(message=ChoiceMessage(content=result.text), finish_reason=result.finish_reason)
+            Choice(
+                index=i,
+                message=ChoiceMessage(content=c.text),
+                logprobs=_chat_logprobs(c.logprobs),
+                finish_reason=c.finish_reason,
+            )
+            for i, c in enumerate(result.choices)
         ],
         usage=usage_of(result.prompt_tokens, result.completion_tokens),
     )
 
 
-def completion_id() -> str:
+def text_completion(call: GenerateCall, result: GenerationResult) -> TextCompletion:
+    """The OpenAI text_completion answer (one choice per `n`)."""
+    return TextCompletion(
+        id=completion_id("cmpl-"),
+        created=int(time.time()),
+        model=call.served.model_id,
+        choices=[
+            CompletionChoice(
+                index=i,
+                text=c.text,
+                logprobs=_completion_logprobs(c.logprobs),
+                finish_reason=c.finish_reason,
+            )
+            for i, c in enumerate(result.choices)
+        ],
+        usage=usage_of(result.prompt_tokens, result.completion_tokens),
+    )
+
+
+def _utf8(token: str) -> list[int]:
+    """A token's text as OpenAI's `bytes` field gives it."""
+    return list(token.encode("utf-8", "surrogatepass"))
+
+
+def _chat_logprobs(tokens: tuple[TokenLogprob, ...] | None) -> ChoiceLogprobs | None:
+    """Chat log-probs: one entry per token, each with its alternatives."""
+    if tokens is None:
+        return None
+    return ChoiceLogprobs(
+        content=[
+            TokenLogprobOut(
+                token=t.token,
+                logprob=t.logprob,
+                bytes=_utf8(t.token),
+                top_logprobs=[TopLogprob(token=a, logprob=lp, bytes=_utf8(a)) for a, lp in t.top],
+            )
+            for t in tokens
+        ]
+    )
+
+
+def _completion_logprobs(tokens: tuple[TokenLogprob, ...] | None) -> CompletionLogprobs | None:
+    """Text-completion log-probs: parallel lists, as the legacy API has them."""
+    if tokens is None:
+        return None
+    offsets, offset = [], 0
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t.token)
+    return CompletionLogprobs(
+        tokens=[t.token for t in tokens],
+        token_logprobs=[t.logprob for t in tokens],
+        top_logprobs=[dict(t.top) for t in tokens],
+        text_offset=offsets,
+    )
+
+
+def completion_id(prefix: str = "chatcmpl-") -> str:
     """A fresh OpenAI-style completion id."""
-    return "chatcmpl-" + secrets.token_hex(12)
+    return prefix + secrets.token_hex(12)
 
 
 async def _close(deltas: AsyncIterator[StreamDelta]) -> None:
@@ -340,31 +451,80 @@ def parse_model_id(model: str) -> tuple[str, str]:
     return user_id, parts[2]
 
 
-def list_models(session: Session, principal: Principal) -> list[ModelCard]:
+def list_models(session: Session, principal: Principal, base_model: str) -> list[ModelCard]:
     """Model ids the caller may use: its user's (each version too), or every user's."""
     if principal.is_operator:
-        users = session.execute(select(User.id, User.created_at).order_by(User.id))
-        return [_card(f"{MODEL_PREFIX}{uid}", created, uid) for uid, created in users]
-    user_id = principal.user_id or ""
-    user = session.get(User, user_id)
+        users = session.scalars(select(User).order_by(User.id))
+        return [_alias_card(user, base_model) for user in users]
+    user = session.get(User, principal.user_id or "")
     if user is None:
         return []
-    cards = [
-        _card(f"{MODEL_PREFIX}{user_id}", user.created_at, user_id),
-        _card(f"{MODEL_PREFIX}{user_id}:base", user.created_at, user_id),
-    ]
     versions = session.scalars(
-        select(Adapter).where(Adapter.user_id == user_id).order_by(Adapter.version)
+        select(Adapter).where(Adapter.user_id == user.id).order_by(Adapter.version)
     )
-    cards += [
-        _card(f"{MODEL_PREFIX}{user_id}:v{a.version}", a.created_at, user_id) for a in versions
+    return [
+        _alias_card(user, base_model),
+        _base_card(user, base_model),
+        *(_version_card(a, base_model) for a in versions),
     ]
-    return cards
 
 
-def _card(model_id: str, created: Any, owner: str) -> ModelCard:
-    """One entry of GET /v1/models."""
-    return ModelCard(id=model_id, created=int(created.timestamp()), owned_by=owner)
+def retrieve_model(
+    session: Session, principal: Principal, model: str, base_model: str
+) -> ModelCard:
+    """One model id's card; 404 for an id that names nothing, 403 for another user's."""
+    user_id, selector = parse_model_id(model)
+    principal.authorize_user(user_id)
+    user = session.get(User, user_id)
+    if user is None:
+        raise NotFound(f"Model {model!r} does not exist", "model_not_found", param="model")
+    target = adapter_service.parse_selector(selector)
+    if target == adapter_service.ACTIVE:
+        return _alias_card(user, base_model)
+    if target == adapter_service.BASE:
+        return _base_card(user, base_model)
+    adapter = session.scalar(
+        select(Adapter).where(Adapter.user_id == user_id, Adapter.version == target)
+    )
+    if adapter is None:
+        raise NotFound(f"Model {model!r} does not exist", "model_not_found", param="model")
+    return _version_card(adapter, base_model)
+
+
+def _alias_card(user: User, base_model: str) -> ModelCard:
+    """`user:<id>`: the active version now (root), on the base model (parent) if there is one."""
+    version = user.active_adapter_version
+    root = f"{MODEL_PREFIX}{user.id}:" + (f"v{version}" if version else adapter_service.BASE)
+    return ModelCard(
+        id=f"{MODEL_PREFIX}{user.id}",
+        created=int(user.created_at.timestamp()),
+        owned_by=user.id,
+        root=root,
+        parent=base_model if version else None,
+    )
+
+
+def _base_card(user: User, base_model: str) -> ModelCard:
+    """`user:<id>:base`: the base model itself."""
+    return ModelCard(
+        id=f"{MODEL_PREFIX}{user.id}:base",
+        created=int(user.created_at.timestamp()),
+        owned_by=user.id,
+        root=base_model,
+        parent=None,
+    )
+
+
+def _version_card(adapter: Adapter, base_model: str) -> ModelCard:
+    """`user:<id>:v<N>`: one adapter version, trained on the base model."""
+    model_id = f"{MODEL_PREFIX}{adapter.user_id}:v{adapter.version}"
+    return ModelCard(
+        id=model_id,
+        created=int(adapter.created_at.timestamp()),
+        owned_by=adapter.user_id,
+        root=model_id,
+        parent=base_model,
+    )
 
 
 # --- wiring -------------------------------------------------------------------------------------

@@ -35,6 +35,18 @@ from tests.integration.generation_support import (
     sse_events,
 )
 from tests.integration.generation_support import new_user as support_new_user
+from tests.integration.openai_client_checks import (
+    OpenAIUser,
+    check_chat_and_stream,
+    check_completions,
+    check_json_mode,
+    check_logprobs,
+    check_models,
+    check_n_and_seed,
+    check_penalties_and_bias,
+    check_stop,
+    check_typed_errors,
+)
 from tests.support import Api, LiveServer, assert_error, make_settings, postgres_database
 from tests.vllm_server import VllmServer, require_vllm
 
@@ -279,6 +291,28 @@ def test_vllm_rejections_keep_our_error_shape(api: Api) -> None:
     error = assert_error(response, 400, "inference_rejected")
     assert "maximum context length" in error["message"] or "max_model_len" in error["message"]
     assert api.http.get("/readyz").json()["checks"]["inference"]["ok"] is True
+
+
+@pytest.fixture
+def openai_user(server: LiveServer, api: Api, adapters: dict[int, Path]) -> OpenAIUser:
+    """A user with a published adapter, as the official `openai` client sees it."""
+    user_id, headers = support_new_user(api, "oa")
+    version = publish(server, user_id, adapters[4])
+    return OpenAIUser(server, user_id, headers["Authorization"].removeprefix("Bearer "), version)
+
+
+def test_openai_client_on_vllm(api: Api, openai_user: OpenAIUser) -> None:
+    """The same openai-client checks as on the local backend (test_openai_client.py)."""
+    check_models(openai_user, SERVED_NAME)
+    greedy = check_chat_and_stream(openai_user)
+    check_n_and_seed(openai_user)
+    check_logprobs(openai_user, greedy)
+    check_json_mode(openai_user)
+    check_penalties_and_bias(openai_user)
+    check_stop(openai_user, greedy)
+    check_completions(openai_user)
+    other, _ = support_new_user(api, "other")
+    check_typed_errors(openai_user, other)
 
 
 def test_killed_mid_stream_down_then_restarted(

@@ -112,10 +112,32 @@ def test_openai_body_accepts_client_shapes() -> None:
         {"role": "user", "content": "Hi there"},
     ]
     assert body.token_limit() == 5
+    nulls = ChatCompletionIn.model_validate(
+        {
+            "model": "user:a",
+            "messages": [{"role": "user", "content": "x"}],
+            "temperature": None,
+            "top_p": None,
+            "n": None,
+            "stop": None,
+            "tools": [],
+            "parallel_tool_calls": True,
+            "response_format": {"type": "json_object"},
+        }
+    )  # OpenAI's spec allows explicit nulls: they mean the default
+    assert (nulls.temperature, nulls.top_p, nulls.n) == (1.0, 1.0, 1)
+    assert nulls.engine_options()["response_format"].schema is None
     changes: list[dict[str, object]] = [
         {"tools": [{"type": "function"}]},
-        {"n": 3},
+        {"n": 9},
         {"messages": []},
+        {"top_logprobs": 2},  # without logprobs
+        {"tool_choice": "required"},
+        {"response_format": {"type": "json_schema"}},  # without its schema
+        {"logit_bias": {"abc": 1}},
+        {"logit_bias": {"5": 101}},
+        {"presence_penalty": 3},
+        {"functions": [{"name": "f"}]},  # unknown to us: refused, not dropped
     ]
     for change in changes:
         with pytest.raises(ValidationError):

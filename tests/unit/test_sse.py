@@ -36,7 +36,12 @@ async def test_role_content_finish_usage_then_done() -> None:
         {"content": "Hel"},
         {"content": "lo"},
     ]
-    assert finish["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "length"}
+    assert finish["choices"][0] == {
+        "index": 0,
+        "delta": {},
+        "logprobs": None,
+        "finish_reason": "length",
+    }
     assert usage["choices"] == [] and usage["usage"] == {
         "prompt_tokens": 5,
         "completion_tokens": 2,
