@@ -83,11 +83,14 @@ def start_job(
     hyperparameters: dict[str, Any] | None = None,
     trigger: str = "api",
     request_id: str | None = None,
+    metadata: dict[str, str] | None = None,
+    training_file: str | None = None,
 ) -> tuple[TrainingJob, bool]:
     """Create a queued job (enqueued after commit), or return the user's active one.
 
     Returns (job, created). A user has at most one queued/running job: the database's partial
-    unique index settles concurrent triggers.
+    unique index settles concurrent triggers. `metadata` (the client's labels) and
+    `training_file` (the stored file imported for it) come from OpenAI's jobs API.
     """
     get_user(session, user_id)
     resolved = resolve_hyperparameters(settings, method, hyperparameters)
@@ -111,6 +114,8 @@ def start_job(
         pair_count=pair_count,
         last_pair_id=last_pair_id,
         request_id=request_id,
+        meta=metadata,
+        training_file=training_file,
         created_at=utcnow(),
     )
     stored = _insert_unless_active(session, job)
@@ -158,6 +163,14 @@ def _pair_snapshot(session: Session, user_id: str) -> tuple[int, int | None]:
 # --- reading and cancelling -----------------------------------------------------------------------
 
 
+def find_job(session: Session, job_id: str) -> TrainingJob:
+    """The job, whoever's it is, or NotFound (the caller checks who may see it)."""
+    job = session.get(TrainingJob, job_id)
+    if job is None:
+        raise NotFound(f"Training job {job_id!r} not found", "job_not_found")
+    return job
+
+
 def get_job(session: Session, user_id: str, job_id: str) -> TrainingJob:
     """The user's job, or NotFound."""
     job = session.get(TrainingJob, job_id)
@@ -167,13 +180,15 @@ def get_job(session: Session, user_id: str, job_id: str) -> TrainingJob:
 
 
 def list_jobs(
-    session: Session, user_id: str, limit: int, cursor: str | None
+    session: Session, user_id: str | None, limit: int, cursor: str | None
 ) -> RowPage[TrainingJob]:
-    """A page of the user's jobs, newest first; its cursor is the last job's id."""
-    query = select(TrainingJob).where(TrainingJob.user_id == user_id)
+    """A page of the user's jobs (everyone's for None), newest first; cursor: the last job id."""
+    query = select(TrainingJob)
+    if user_id is not None:
+        query = query.where(TrainingJob.user_id == user_id)
     if cursor is not None:
         after = session.get(TrainingJob, cursor)
-        if after is None or after.user_id != user_id:
+        if after is None or (user_id is not None and after.user_id != user_id):
             raise BadRequest(
                 "cursor: not a cursor returned by this API", "invalid_cursor", param="cursor"
             )
@@ -191,19 +206,22 @@ def list_events(
     limit: int,
     after: int | None,
     kind: str | None = None,
+    *,
+    newest_first: bool = False,
 ) -> RowPage[JobEvent]:
     """A page of the job's events, oldest first, after the event id `after`.
 
     Its cursor is always the last id seen (or `after` on an empty page), so a client polls a
-    running job with `after=next_cursor` for what comes next.
+    running job with `after=next_cursor` for what comes next. `newest_first` pages backwards
+    (OpenAI's order): `after` is then the oldest id seen so far.
     """
     get_job(session, user_id, job_id)
     query = select(JobEvent).where(JobEvent.job_id == job_id)
     if after is not None:
-        query = query.where(JobEvent.id > after)
+        query = query.where(JobEvent.id < after if newest_first else JobEvent.id > after)
     if kind is not None:
         query = query.where(JobEvent.kind == kind)
-    query = query.order_by(JobEvent.id)
+    query = query.order_by(JobEvent.id.desc() if newest_first else JobEvent.id)
     page: RowPage[JobEvent] = paginate(session, query, limit, cursor_of=lambda e: str(e.id))
     last = page.data[-1].id if page.data else after
     return RowPage(page.data, page.has_more, str(last) if last is not None else None)
