@@ -14,6 +14,7 @@ from app.api.routes import (
     feedback,
     generate,
     health,
+    keys,
     metrics,
     openai_compat,
     train,
@@ -78,7 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for router in (health.router, metrics.router, users.router, feedback.router, train.router):
         app.include_router(router)
-    for router in (adapters.router, generate.router, openai_compat.router):
+    for router in (keys.router, adapters.router, generate.router, openai_compat.router):
         app.include_router(router)
     app.include_router(web.router)  # the playground page at /
     _add_middleware(app, settings)

@@ -59,7 +59,9 @@ def test_no_route_reaches_another_users_data(
     api: Api, live_server: LiveServer, victim_and_attacker: tuple[Any, ...]
 ) -> None:
     victim, victim_auth, attacker_auth, pair_id = victim_and_attacker
+    (victim_key,) = api.http.get(f"/users/{victim}/keys", headers=api.operator).json()["data"]
     fill = {"user_id": victim, "pair_id": str(pair_id), "job_id": "job_x", "version": "v1"}
+    fill["key_id"] = str(victim_key["id"])
     tried = 0
     for method, template in _operations(live_server):
         if (method, template) in PUBLIC_OR_OWN:
@@ -72,7 +74,7 @@ def test_no_route_reaches_another_users_data(
         assert_error(response, response.status_code)
     assert tried >= 13
     pairs = api.http.get(f"/users/{victim}/feedback", headers=victim_auth).json()["data"]
-    assert [p["id"] for p in pairs] == [pair_id]  # nothing deleted, nothing added
+    assert [p["id"] for p in pairs] == [pair_id]  # nothing deleted, nothing added; key still works
     models = api.http.get("/v1/models", headers=attacker_auth).json()["data"]
     assert all("victim" not in m["id"] for m in models), models
     whoami = api.http.get("/whoami", headers=attacker_auth).json()
