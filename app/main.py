@@ -12,6 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from app.api.routes import (
     adapters,
     feedback,
+    files,
     generate,
     health,
     keys,
@@ -81,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     for router in (keys.router, adapters.router, generate.router, openai_compat.router):
         app.include_router(router)
+    app.include_router(files.router)
     app.include_router(web.router)  # the playground page at /
     _add_middleware(app, settings)
     return app
@@ -123,6 +125,10 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
         )
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        upload_max_bytes=settings.max_upload_bytes,
+    )
     app.add_middleware(MetricsMiddleware, metrics=app_state(app).metrics)
     app.add_middleware(RequestIdMiddleware)

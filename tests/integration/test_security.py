@@ -22,6 +22,8 @@ PUBLIC_OR_OWN = {
     ("GET", "/metrics"),
     ("GET", "/whoami"),
     ("GET", "/v1/models"),
+    ("GET", "/v1/files"),  # the caller's own files
+    ("POST", "/v1/files"),  # a file of the caller's own
 }
 OPERATOR_ONLY = {("POST", "/users"), ("GET", "/users")}
 PAIR = {"prompt": "p", "chosen": "good", "rejected": "bad"}
@@ -62,6 +64,12 @@ def test_no_route_reaches_another_users_data(
     (victim_key,) = api.http.get(f"/users/{victim}/keys", headers=api.operator).json()["data"]
     fill = {"user_id": victim, "pair_id": str(pair_id), "job_id": "job_x", "version": "v1"}
     fill["key_id"] = str(victim_key["id"])
+    upload = {"file": ("p.jsonl", b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n')}
+    stored = api.http.post(
+        "/v1/files", files=upload, data={"purpose": "fine-tune"}, headers=victim_auth
+    )
+    assert stored.status_code == 200, stored.text
+    fill["file_id"] = stored.json()["id"]
     tried = 0
     for method, template in _operations(live_server):
         if (method, template) in PUBLIC_OR_OWN:
@@ -75,6 +83,8 @@ def test_no_route_reaches_another_users_data(
     assert tried >= 13
     pairs = api.http.get(f"/users/{victim}/feedback", headers=victim_auth).json()["data"]
     assert [p["id"] for p in pairs] == [pair_id]  # nothing deleted, nothing added; key still works
+    files = api.http.get("/v1/files", headers=victim_auth).json()["data"]
+    assert [f["id"] for f in files] == [fill["file_id"]]
     models = api.http.get("/v1/models", headers=attacker_auth).json()["data"]
     assert all("victim" not in m["id"] for m in models), models
     whoami = api.http.get("/whoami", headers=attacker_auth).json()
