@@ -39,6 +39,8 @@ def _body(method: str, path: str, victim: str) -> dict[str, Any] | None:
     """A valid body for the operation, aimed at the victim."""
     if path == "/v1/chat/completions":
         return {"model": f"user:{victim}", "messages": [{"role": "user", "content": "hi"}]}
+    if path == "/v1/completions":
+        return {"model": f"user:{victim}", "prompt": "hi", "max_tokens": 1}
     if path.endswith("/generate"):
         return {"prompt": "hi", "max_tokens": 1}
     if path.endswith("/feedback") and method == "POST":
@@ -64,6 +66,7 @@ def test_no_route_reaches_another_users_data(
     (victim_key,) = api.http.get(f"/users/{victim}/keys", headers=api.operator).json()["data"]
     fill = {"user_id": victim, "pair_id": str(pair_id), "job_id": "job_x", "version": "v1"}
     fill["key_id"] = str(victim_key["id"])
+    fill["model_id"] = f"user:{victim}"
     upload = {"file": ("p.jsonl", b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n')}
     stored = api.http.post(
         "/v1/files", files=upload, data={"purpose": "fine-tune"}, headers=victim_auth
