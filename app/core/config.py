@@ -106,6 +106,12 @@ class Settings(BaseSettings):
     local_threads: int = Field(
         0, ge=0, description="torch threads of the in-process backend (process-wide); 0 = torch's."
     )
+    local_max_batch: int = Field(
+        8, ge=1, description="Most concurrent requests the in-process backend runs as one batch."
+    )
+    local_max_queue: int = Field(
+        64, ge=1, description="Requests that may wait for the in-process model (then 503)."
+    )
     max_prompt_tokens: int = Field(1536, ge=1, description="Longest generate prompt, in tokens.")
     max_new_tokens: int = Field(512, ge=1, description="Largest max_tokens for generate.")
     default_max_tokens: int = Field(

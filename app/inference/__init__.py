@@ -51,6 +51,8 @@ def build_backend(settings: Settings) -> InferenceBackend:
         settings.local_max_adapters,
         probe=lambda: local_model_status(settings),
         threads=settings.local_threads,
+        max_batch=settings.local_max_batch,
+        max_queue=settings.local_max_queue,
     )
 
 

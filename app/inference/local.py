@@ -33,14 +33,16 @@ from app.inference.base import (
     StreamDelta,
     TokenLogprob,
 )
+from app.inference.batching import Batcher, BatchItem, batch_key
 from foundation.model import default_device, load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+BASE_ROW = "__base__"  # PEFT's name for a batch row on the base model
 
 
 class LocalBackend:
-    """transformers + PEFT on this machine, one request at a time on the model."""
+    """transformers + PEFT on this machine: concurrent requests batched on one model thread."""
 
     def __init__(
         self,
@@ -48,6 +50,9 @@ class LocalBackend:
         max_adapters: int,
         probe: Callable[[], tuple[bool, str]] | None = None,
         threads: int = 0,
+        *,
+        max_batch: int = 8,
+        max_queue: int = 64,
     ) -> None:
         self._model_dir = model_dir
         self.on_adapter_load: AdapterLoadObserver | None = None
@@ -56,18 +61,30 @@ class LocalBackend:
         self._threads = threads
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-inference")
         self._engine: LocalEngine | None = None
+        self._batcher = Batcher(self._run_batch, max_batch, max_queue, max_adapters)
 
     async def generate(
         self, request: GenerationRequest, adapter: AdapterRef | None
     ) -> GenerationResult:
-        """Generate the whole answer on the model thread."""
+        """Generate the whole answer on the model thread (in a batch when it can share one)."""
         engine = await self._loaded_engine()
-        return await self._on_model_thread(engine.generate, request, adapter, None, None)
+        if batch_key(request) is None:
+            return await self._on_model_thread(engine.generate, request, adapter, None, None)
+        item = BatchItem(request, adapter, asyncio.get_running_loop())
+        self._batcher.submit(item)
+        try:
+            return await item.result
+        finally:
+            self._abandon(item)
 
     async def stream(
         self, request: GenerationRequest, adapter: AdapterRef | None
     ) -> AsyncIterator[StreamDelta]:
-        """Stream the answer through transformers' AsyncTextIteratorStreamer."""
+        """Stream the answer: from its batch row, or alone through transformers' streamer."""
+        if batch_key(request) is not None:
+            async for delta in self._stream_in_batch(request, adapter):
+                yield delta
+            return
         from transformers import AsyncTextIteratorStreamer
 
         engine = await self._loaded_engine()
@@ -91,6 +108,37 @@ class LocalBackend:
         yield StreamDelta(
             trimmer.flush(), result.finish_reason, result.prompt_tokens, result.completion_tokens
         )
+
+    async def _stream_in_batch(
+        self, request: GenerationRequest, adapter: AdapterRef | None
+    ) -> AsyncIterator[StreamDelta]:
+        """The pieces of one batch row as they come, then its end."""
+        await self._loaded_engine()
+        item = BatchItem(request, adapter, asyncio.get_running_loop(), streaming=True)
+        self._batcher.submit(item)
+        trimmer = StopTrimmer(request.stop)
+        try:
+            while (piece := await item.pieces.get()) is not None:
+                text = trimmer.feed(piece)
+                if text:
+                    yield StreamDelta(text)
+            result = await item.result
+        finally:
+            self._abandon(item)
+        yield StreamDelta(
+            trimmer.flush(), result.finish_reason, result.prompt_tokens, result.completion_tokens
+        )
+
+    def _abandon(self, item: BatchItem) -> None:
+        """A caller that stopped waiting: drop its row from the queue, or stop it in its batch."""
+        if not item.result.done():
+            item.cancel.set()  # its row stops at the next token
+            self._batcher.withdraw(item)  # or it never starts
+
+    async def _run_batch(self, batch: list[BatchItem]) -> None:
+        """One batch on the model thread; the engine settles each item."""
+        engine = await self._loaded_engine()
+        await self._on_model_thread(engine.generate_batch, batch)
 
     async def ready(self) -> tuple[bool, str]:
         """Ready when the model is loaded, or (per `probe`) can be loaded on first use."""
@@ -192,6 +240,66 @@ class LocalEngine:
         choices = [self._choice(request, output, row, prompt_tokens) for row in range(rows)]
         return GenerationResult(tuple(choices * (request.n // rows)), prompt_tokens)
 
+    def generate_batch(self, items: list[BatchItem]) -> None:
+        """Run requests that share sampling settings as one batch, each with its own adapter.
+
+        Rows are left-padded; each row stops at its own end of turn, max_tokens, stop string or
+        cancellation. Settles every item (a failure fails them all).
+        """
+        import torch
+        from transformers import StoppingCriteriaList
+
+        requests = [item.request for item in items]
+        names = self._load_batch_adapters([item.adapter for item in items])
+        prompts = [self._prompt_ids(r) for r in requests]
+        width = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else _as_list(self.base.generation_config.eos_token_id)[0]
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        first = requests[0]
+        config = self._generation_config(first, 1)
+        config.max_new_tokens = max(r.max_tokens for r in requests)
+        config.stop_strings = None  # per row, in _RowStops
+        config.pad_token_id = pad
+        stops = _RowStops(requests, [item.cancel for item in items], width, self.tokenizer)
+        streamer = _RowStreamer(self.tokenizer, items, stops, self._eos_ids())
+        mixed = any(item.adapter is not None for item in items)
+        extra = {"adapter_names": names} if mixed else {}
+        model = self.peft if mixed else None
+        with contextlib.ExitStack() as stack:
+            if model is None:
+                model = stack.enter_context(self._selected(None))
+            with torch.inference_mode():
+                output = model.generate(
+                    input_ids=input_ids.to(self.device),
+                    attention_mask=attention.to(self.device),
+                    generation_config=config,
+                    logits_processor=self._logits_processors(first),
+                    stopping_criteria=StoppingCriteriaList([stops]),
+                    streamer=streamer if any(item.streaming for item in items) else None,
+                    **extra,
+                )
+        for row, item in enumerate(items):
+            choice = self._choice(item.request, output, row, width)
+            item.finish(GenerationResult((choice,), len(prompts[row])))
+
+    def _load_batch_adapters(self, adapters: list[AdapterRef | None]) -> list[str]:
+        """Load a batch's adapters (the batcher keeps them within the LRU); PEFT's row names."""
+        for adapter in adapters:
+            if adapter is not None:
+                self._ensure_loaded(adapter)
+        return [adapter.name if adapter else BASE_ROW for adapter in adapters]
+
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        """The prompt's token ids as a list (chat template, or the raw text)."""
+        ids = self._inputs(request)["input_ids"][0]
+        return [int(i) for i in ids.tolist()]
+
+    def _eos_ids(self) -> set[int]:
+        """The model's end-of-sequence token ids."""
+        return set(_as_list(self.base.generation_config.eos_token_id))
+
     def _inputs(self, request: GenerationRequest) -> Any:
         """The prompt's token ids: the chat template for messages, plain text for a completion."""
         if request.prompt is not None:
@@ -257,6 +365,8 @@ class LocalEngine:
         ended = next((i for i, t in enumerate(tokens) if t in eos), None)
         if ended is not None:  # later positions of a batch row are padding
             tokens = tokens[: ended + 1]
+        if len(tokens) > request.max_tokens:  # a batch row generated past its own limit
+            tokens, ended = tokens[: request.max_tokens], None
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         cut = first_stop(text, request.stop)
         if cut is not None:
@@ -361,6 +471,80 @@ class LocalEngine:
         config.return_dict_in_generate = True
         config.output_logits = request.logprobs is not None  # raw, as vLLM's logprobs are
         return config
+
+
+class _RowStops:
+    """Per-row stopping for a batch: its own max_tokens, stop strings, or its client gone."""
+
+    def __init__(
+        self,
+        requests: list[GenerationRequest],
+        cancels: list[threading.Event],
+        width: int,
+        tokenizer: Any,
+    ) -> None:
+        self.requests = requests
+        self.cancels = cancels
+        self.width = width
+        self.tokenizer = tokenizer
+        self.done = [False] * len(requests)
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        generated = int(input_ids.shape[1]) - self.width
+        for row, request in enumerate(self.requests):
+            if self.done[row]:
+                continue
+            stopped = self.cancels[row].is_set() or generated >= request.max_tokens
+            if not stopped and request.stop:
+                text = self.tokenizer.decode(input_ids[row, self.width :], skip_special_tokens=True)
+                stopped = first_stop(text, request.stop) is not None
+            self.done[row] = stopped
+        return torch.tensor(self.done, device=input_ids.device)
+
+
+class _RowStreamer:
+    """transformers' streamer protocol for a batch: each row's new text to its own item."""
+
+    def __init__(
+        self, tokenizer: Any, items: list[BatchItem], stops: _RowStops, eos: set[int]
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.items = items
+        self.stops = stops
+        self.eos = eos
+        self.tokens: list[list[int]] = [[] for _ in items]
+        self.sent = [0] * len(items)
+        self.ended = [False] * len(items)
+        self.prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:  # the first call carries the prompts
+            self.prompt_seen = True
+            return
+        # generate() runs the stopping criteria before handing over the step's tokens: a row
+        # that stopped at this step still gets this token; the padding after it is dropped.
+        for row, token in enumerate(value.reshape(-1).tolist()):
+            if self.ended[row]:
+                continue
+            if token in self.eos:
+                self.ended[row] = True
+                continue
+            self.tokens[row].append(int(token))
+            self._emit(row, final=False)
+        self.ended = [e or d for e, d in zip(self.ended, self.stops.done, strict=True)]
+
+    def end(self) -> None:
+        for row in range(len(self.items)):
+            self._emit(row, final=True)
+
+    def _emit(self, row: int, *, final: bool) -> None:
+        text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
+        if not final and text.endswith("\ufffd"):  # half a character: wait for the rest
+            return
+        self.items[row].emit(text[self.sent[row] :])
+        self.sent[row] = len(text)
 
 
 class OpenAIPenalties:
