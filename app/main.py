@@ -13,6 +13,7 @@ from app.api.routes import (
     adapters,
     feedback,
     files,
+    fine_tuning,
     generate,
     health,
     keys,
@@ -82,7 +83,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     for router in (keys.router, adapters.router, generate.router, openai_compat.router):
         app.include_router(router)
-    app.include_router(files.router)
+    for router in (files.router, fine_tuning.router):  # the rest of /v1
+        app.include_router(router)
     app.include_router(web.router)  # the playground page at /
     _add_middleware(app, settings)
     return app

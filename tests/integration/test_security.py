@@ -24,6 +24,7 @@ PUBLIC_OR_OWN = {
     ("GET", "/v1/models"),
     ("GET", "/v1/files"),  # the caller's own files
     ("POST", "/v1/files"),  # a file of the caller's own
+    ("GET", "/v1/fine_tuning/jobs"),  # the caller's own jobs
 }
 OPERATOR_ONLY = {("POST", "/users"), ("GET", "/users")}
 PAIR = {"prompt": "p", "chosen": "good", "rejected": "bad"}
@@ -39,6 +40,8 @@ def _body(method: str, path: str, victim: str) -> dict[str, Any] | None:
     """A valid body for the operation, aimed at the victim."""
     if path == "/v1/chat/completions":
         return {"model": f"user:{victim}", "messages": [{"role": "user", "content": "hi"}]}
+    if path == "/v1/fine_tuning/jobs":
+        return {"model": f"user:{victim}"}
     if path == "/v1/completions":
         return {"model": f"user:{victim}", "prompt": "hi", "max_tokens": 1}
     if path.endswith("/generate"):

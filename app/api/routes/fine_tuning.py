@@ -19,8 +19,7 @@ from app.schemas.fine_tuning import (
 )
 from app.services import fine_tuning as service
 
-# Included by the /v1 router (app.api.routes.openai_compat).
-router = APIRouter(prefix="/fine_tuning", tags=["openai"], responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/v1/fine_tuning", tags=["openai"], responses=ERROR_RESPONSES)
 
 JobIdPath = Annotated[str, Path(max_length=40, pattern=r"^[A-Za-z0-9_-]+$")]
 AfterQuery = Annotated[
