@@ -4,9 +4,10 @@ page sizes and rate limits."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
+from anyio import CancelScope, CapacityLimiter, to_thread
 from fastapi import Depends, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
@@ -15,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from app.api.state import AppState, StateDep, app_state
 from app.core.config import Settings
-from app.core.db import transaction
+from app.core.db import end_transaction, has_pending_work, transaction
 from app.core.errors import Unauthorized
 from app.core.ratelimit import enforce
 from app.core.security import Principal, keys_equal, validate_user_id
@@ -26,20 +27,47 @@ log = logging.getLogger(__name__)
 bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <api key>`")
 
 
-def get_settings(state: StateDep) -> Settings:
+# Dependencies that do no I/O are `async`: a sync one costs a hop to the thread pool per request.
+
+
+async def get_settings(state: StateDep) -> Settings:
     """The app's settings."""
     return state.settings
 
 
-def get_session(state: StateDep) -> Iterator[Session]:
-    """One transaction per request, committed before the response is sent."""
-    with transaction(state.session_factory) as session:
+async def get_session(state: StateDep) -> AsyncIterator[Session]:
+    """One transaction per request, committed before the response is sent.
+
+    The session connects on first use, so opening it needs no thread; its commit (or rollback)
+    runs in a worker thread only when the request used the database. As FastAPI does for a sync
+    dependency's exit, that thread is outside the pool's capacity limit (a request holding a
+    connection never waits for a thread to release it) and shielded from cancellation.
+    """
+    session = state.session_factory()
+    failed = True
+    try:
         yield session
+        failed = False
+    finally:
+        if has_pending_work(session):
+            with CancelScope(shield=True):
+                await to_thread.run_sync(
+                    end_transaction, session, failed, limiter=CapacityLimiter(1)
+                )
+        else:
+            end_transaction(session, failed)  # nothing began: closing needs no I/O
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 # scope="function": the commit happens before the response goes out, so a 2xx means committed.
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+def commit_now(session: Session) -> None:
+    """Commit the request's transaction from a sync route, in the worker thread it runs in: the
+    boundary then finds nothing to do and needs no second thread hop (a hot path's saving). An
+    error raised before this still rolls everything back; a failed commit raises from here."""
+    end_transaction(session, failed=False)
 
 
 def get_principal(
@@ -84,7 +112,7 @@ def _record_key_use(state: AppState, owner: api_key_service.KeyOwner) -> None:
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
-def require_operator(principal: PrincipalDep) -> Principal:
+async def require_operator(principal: PrincipalDep) -> Principal:
     """Only the operator key passes."""
     principal.require_operator()
     return principal
@@ -115,7 +143,7 @@ def is_operator_request(request: Request) -> bool:
     return scheme.lower() == "bearer" and keys_equal(key, state.operator_key)
 
 
-def authorized_user_id(
+async def authorized_user_id(
     principal: PrincipalDep,
     user_id: Annotated[str, Path(description="User id ([A-Za-z0-9_.-]{1,64}).", max_length=64)],
 ) -> str:
@@ -128,7 +156,7 @@ def authorized_user_id(
 UserIdDep = Annotated[str, Depends(authorized_user_id)]
 
 
-def page_limit(
+async def page_limit(
     settings: SettingsDep,
     limit: Annotated[int | None, Query(ge=1, le=1000, description="Page size.")] = None,
 ) -> int:

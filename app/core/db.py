@@ -56,11 +56,24 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     callback is logged and does not undo the committed transaction.
     """
     session = factory()
-    committed = False
     try:
         yield session
-        session.commit()
-        committed = True
+    except BaseException:
+        end_transaction(session, failed=True)
+        raise
+    end_transaction(session, failed=False)
+
+
+def end_transaction(session: Session, failed: bool) -> None:
+    """Commit (roll back if `failed`, or if the commit fails) and close the session; after a
+    successful commit, run its `after_commit` callbacks."""
+    committed = False
+    try:
+        if failed:
+            session.rollback()
+        else:
+            session.commit()
+            committed = True
     except BaseException:
         session.rollback()
         raise
@@ -69,6 +82,12 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
         session.close()
         if committed:
             _run_callbacks(callbacks)
+
+
+def has_pending_work(session: Session) -> bool:
+    """Whether ending the session's transaction needs the database or callbacks (else it is a
+    no-op that needs no thread)."""
+    return session.in_transaction() or bool(session.info.get(AFTER_COMMIT))
 
 
 def _run_callbacks(callbacks: list[Callable[[], None]]) -> None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import unicodedata
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import cast
 
-from sqlalchemy import Select, and_, func, or_, select, update
+from sqlalchemy import Select, Table, and_, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.core.db import rows_matched
@@ -87,13 +88,16 @@ def revoke_key(session: Session, user_id: str, key_id: int) -> int:
     return int(left or 0)
 
 
+# Every authenticated request runs this: built once, on the table (no ORM loading per row).
+_KEYS = cast(Table, ApiKey.__table__)
+_OWNER_OF = select(_KEYS.c.id, _KEYS.c.user_id, _KEYS.c.last_used_at).where(
+    _KEYS.c.key_hash == bindparam("key_hash")
+)
+
+
 def owner_of(session: Session, secret: str) -> KeyOwner | None:
     """The key row a presented secret hashes to, or None (looked up by hash, never by secret)."""
-    row = session.execute(
-        select(ApiKey.id, ApiKey.user_id, ApiKey.last_used_at).where(
-            ApiKey.key_hash == hash_key(secret)
-        )
-    ).one_or_none()
+    row = session.execute(_OWNER_OF, {"key_hash": hash_key(secret)}).one_or_none()
     return KeyOwner(row.id, row.user_id, row.last_used_at) if row is not None else None
 
 
