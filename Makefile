@@ -41,11 +41,11 @@ vllm-env: $(VLLM_VENV)/.installed
 run: install
 	$(PY) -m app.embedded
 
-# Debian tools the tests use: docker-compose (validates the compose file without an engine) and
-# chromium (browser tests). Installed only when missing.
+# Debian tools the tests use: docker-compose (validates the compose file without an engine),
+# chromium (browser tests) and wrk (bench.api_load and its smoke test). Installed only when missing.
 system-deps:
-	@command -v docker-compose >/dev/null && test -x /usr/bin/chromium || \
-		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose chromium; }
+	@command -v docker-compose >/dev/null && test -x /usr/bin/chromium && command -v wrk >/dev/null || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose chromium wrk; }
 
 services:
 	@pg_isready -q -h 127.0.0.1 -p 5432 || pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start

@@ -54,8 +54,20 @@ def wrk_binary() -> str:
     """The wrk executable, or a clear error saying how to install it."""
     found = shutil.which("wrk")
     if found is None:
-        raise RuntimeError("wrk is not installed: apt-get install -y wrk")
+        raise RuntimeError("wrk is not installed: apt-get install -y wrk (or make system-deps)")
     return found
+
+
+def ensure_wrk(log: Log) -> str:
+    """wrk, installed from Debian first when it is missing (as `make system-deps` does)."""
+    if shutil.which("wrk") is None and shutil.which("apt-get") is not None:
+        log("wrk is missing: apt-get install -y wrk")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "wrk"]):
+            done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[-500:]}")
+    return wrk_binary()
 
 
 def run_wrk(
@@ -129,8 +141,8 @@ def measure(plan: LoadPlan, api_url: str, work: Path, log: Log) -> Measured:
     return Measured(runs, acked)
 
 
-def summarize(measured: Measured, rows: dict[str, int]) -> dict[str, Any]:
-    """Medians per endpoint, per-round ratios, and the row accounting."""
+def summarize(measured: Measured, rows: dict[str, int], connections: int) -> dict[str, Any]:
+    """Medians per endpoint, per-round ratios (the median one under `ratios`), the row count."""
     by_round: dict[int, dict[str, dict[str, Any]]] = {}
     for run in measured.runs:
         by_round.setdefault(run["round"], {})[run["endpoint"]] = run
@@ -151,6 +163,8 @@ def summarize(measured: Measured, rows: dict[str, int]) -> dict[str, Any]:
     ]
     account = account_rows(measured.acked, rows)
     return {
+        "concurrency": connections,
+        "ratios": {"feedback_vs_healthz": median(rps)},
         "endpoints": endpoints,
         "feedback_vs_healthz_rps": median(rps),
         "feedback_vs_healthz_rps_per_round": rps,
@@ -166,7 +180,7 @@ def run_benchmark(plan: LoadPlan, work: Path, log: Log) -> dict[str, Any]:
     """Fresh database, the API process, wrk rounds, then the row count."""
     from tests.support import postgres_database
 
-    wrk_binary()
+    ensure_wrk(log)
     with postgres_database() as database_url:
         env = {
             "DATABASE_URL": database_url, "OPERATOR_KEY": OPERATOR_KEY,
@@ -180,7 +194,7 @@ def run_benchmark(plan: LoadPlan, work: Path, log: Log) -> dict[str, Any]:
             api.stop()
         rows = rows_per_key(database_url)
         postgres = server_version(database_url)
-    summary = summarize(measured, rows)
+    summary = summarize(measured, rows, plan.connections)
     return {"summary": summary, "runs": measured.runs, "postgres": postgres}
 
 
