@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from app.core.db import after_commit
 from app.core.errors import Conflict, NotFound
-from app.core.security import validate_user_id
+from app.core.security import Principal, validate_user_id
 from app.models import (
     Adapter,
     ApiKey,
@@ -57,6 +57,14 @@ def get_user(session: Session, user_id: str) -> User:
     if user is None:
         raise NotFound(f"User {user_id!r} not found", "user_not_found")
     return user
+
+
+def require_user(session: Session, user_id: str, principal: Principal) -> None:
+    """NotFound unless the user exists. The user's own key needs no query: the key row just read
+    references the user and is deleted with them (a delete racing this request fails its inserts
+    on the foreign key, which the feedback service reports as the same 404)."""
+    if principal.user_id != user_id:
+        get_user(session, user_id)
 
 
 def summarize(session: Session, user: User) -> UserSummary:

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
+import httpx
 import pytest
+from sqlalchemy import event, text
 
-from tests.support import Api, assert_error
+from app.api.state import app_state
+from app.core.db import transaction
+from app.core.errors import NotFound
+from app.schemas.feedback import PairIn
+from app.services import feedback as feedback_service
+from tests.support import Api, LiveServer, assert_error
 
 PAIR = {"prompt": "Explain recursion.", "chosen": "A function calling itself.", "rejected": "No."}
 
@@ -241,19 +252,88 @@ def test_idempotency_keys_are_per_user(api: Api) -> None:
     assert len(_pairs(api, "bob", bob)) == 1
 
 
-def test_concurrent_retries_store_once(api: Api) -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
+def test_concurrent_retries_store_once(api: Api, live_server: LiveServer) -> None:
+    """16 clients send the same key and batch at once: one claims the key and stores the batch,
+    the others wait for its commit and replay it; every answer is the same 201."""
     _, alice = api.create_user("alice")
     headers = {**alice, "Idempotency-Key": "race"}
+    batch = {"pairs": [{**PAIR, "chosen": f"answer {i}"} for i in range(3)]}
+    start = threading.Barrier(16)
 
-    def post(_: int) -> int:
-        return api.http.post("/users/alice/feedback", json=PAIR, headers=headers).status_code
+    def post(_: int) -> httpx.Response:
+        with httpx.Client(base_url=live_server.url, timeout=60) as client:
+            start.wait()
+            return client.post("/users/alice/feedback", json=batch, headers=headers)
 
-    with ThreadPoolExecutor(6) as pool:
-        statuses = list(pool.map(post, range(6)))
-    assert statuses == [201] * 6
-    assert len(_pairs(api, "alice", alice)) == 1
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(post, range(16)))
+    assert [r.status_code for r in responses] == [201] * 16
+    assert all(r.json() == responses[0].json() for r in responses)
+    replayed = [r.headers.get("idempotent-replayed") for r in responses]
+    assert replayed.count(None) == 1 and replayed.count("true") == 15
+    stored = _pairs(api, "alice", alice)
+    assert sorted(p["id"] for p in stored) == [p["id"] for p in responses[0].json()["pairs"]]
+    assert _count(live_server, "idempotency_records") == 1
+
+
+def test_unknown_user_is_404_and_stores_nothing(api: Api, live_server: LiveServer) -> None:
+    for headers in (api.operator, {**api.operator, "Idempotency-Key": "k"}):
+        response = api.http.post("/users/nobody/feedback", json=PAIR, headers=headers)
+        assert_error(response, 404, "user_not_found")
+    # A user deleted while a request is under way fails the inserts on the foreign key: the
+    # service answers the same 404 (the request's own key proved the user a moment earlier).
+    factory = app_state(live_server.app).session_factory
+    pair = feedback_service.normalize(PairIn.model_validate(PAIR), live_server.settings)
+    for key in (None, "k"):
+        with pytest.raises(NotFound) as caught, transaction(factory) as session:
+            feedback_service.store_pairs(session, "gone", pair, key)
+        assert caught.value.code == "user_not_found"
+    assert _count(live_server, "preference_pairs") == 0
+    assert _count(live_server, "idempotency_records") == 0
+
+
+def test_a_post_takes_four_statements(api: Api, live_server: LiveServer) -> None:
+    """Key lookup, claim (INSERT ... ON CONFLICT DO NOTHING), one INSERT of the batch, the
+    response saved into the claim; a replay: key lookup, claim, read."""
+    _, alice = api.create_user("alice")
+    api.http.post("/users/alice/feedback", json=PAIR, headers=alice)  # records the key's use
+    headers = {**alice, "Idempotency-Key": "counted"}
+    size = 1 if live_server.settings.is_sqlite else 5  # SQLite inserts row by row
+    batch = {"pairs": [{**PAIR, "chosen": f"answer {i}"} for i in range(size)]}
+    with _statements(live_server) as first:
+        created = api.http.post("/users/alice/feedback", json=batch, headers=headers)
+    assert created.status_code == 201 and created.json()["created"] == size
+    assert [s.split()[0] for s in first] == ["SELECT", "INSERT", "INSERT", "UPDATE"], first
+    assert "ON CONFLICT" in first[1] and "SAVEPOINT" not in " ".join(first)
+    with _statements(live_server) as again:
+        replay = api.http.post("/users/alice/feedback", json=batch, headers=headers)
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert [s.split()[0] for s in again] == ["SELECT", "INSERT", "SELECT"], again
+    with _statements(live_server) as plain:
+        api.http.post("/users/alice/feedback", json=batch, headers=alice)
+    assert [s.split()[0] for s in plain] == ["SELECT", "INSERT"], plain
+    assert len(_pairs(api, "alice", alice)) == 1 + 2 * size
+
+
+def _count(server: LiveServer, table: str) -> int:
+    with app_state(server.app).engine.connect() as conn:
+        return int(conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one())
+
+
+@contextmanager
+def _statements(server: LiveServer) -> Iterator[list[str]]:
+    """The SQL statements the server's engine sends meanwhile (pool pings are not statements)."""
+    seen: list[str] = []
+    engine = app_state(server.app).engine
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        seen.append(statement.strip())
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
 
 
 def test_pagination_newest_first(api: Api) -> None:

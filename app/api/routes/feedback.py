@@ -9,7 +9,14 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from app.api.deps import LimitDep, PrincipalDep, SessionDep, SettingsDep, UserIdDep
+from app.api.deps import (
+    LimitDep,
+    PrincipalDep,
+    SessionDep,
+    SettingsDep,
+    UserIdDep,
+    commit_now,
+)
 from app.api.state import AppState, StateDep
 from app.core.errors import BadRequest, UnsupportedMediaType
 from app.schemas.common import ERROR_RESPONSES, ErrorResponse, Page
@@ -59,13 +66,15 @@ def post_feedback(
     user_id: UserIdDep,
     session: SessionDep,
     settings: SettingsDep,
+    principal: PrincipalDep,
     body: Annotated[FeedbackIn, Body(openapi_examples=FEEDBACK_EXAMPLES)],
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
 ) -> Any:
     """Store one pair or a batch; committed before the 201. A retried Idempotency-Key replays."""
-    user_service.get_user(session, user_id)
+    user_service.require_user(session, user_id, principal)
     pairs = feedback_service.normalize(body, settings)
     result = feedback_service.store_pairs(session, user_id, pairs, idempotency_key)
+    commit_now(session)
     headers = {"Idempotent-Replayed": "true"} if result.replayed else {}
     if not result.replayed:
         state.metrics.pairs_stored.inc(len(pairs))
