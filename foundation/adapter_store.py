@@ -8,18 +8,29 @@ to `v<N>` (atomic on one filesystem), so a version folder is complete before any
 
 Which N is next (never one issued before) is the database's to say (app.services.adapters); this
 module only places, moves and removes folders.
+
+Each recorded version is also reachable by its immutable serving name: `<root>/@by-name/<name>/`
+holds relative links to the version's files and a copy of its adapter_config.json whose
+`base_model_name_or_path` is the model vLLM serves (its `--model`, which vLLM's filesystem LoRA
+resolver requires the adapter to name). That folder is what the resolver reads
+(VLLM_LORA_RESOLVER_CACHE_DIR), so any vLLM server that mounts the store can serve any version by
+name with no prior load call; the version folder itself stays as trained. `@` cannot occur in a
+user id, so the folder is no user's.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from foundation.files import temp_siblings
+from foundation.files import atomic_folder, temp_siblings
 
 ADAPTER_CONFIG = "adapter_config.json"
 STAGING_PREFIX = ".staging-"
+NAMES_FOLDER = "@by-name"
 
 
 class IncompleteAdapterError(ValueError):
@@ -28,9 +39,14 @@ class IncompleteAdapterError(ValueError):
 
 @dataclass(frozen=True)
 class AdapterStore:
-    """The adapter store rooted at one folder (ADAPTER_DIR)."""
+    """The adapter store rooted at one folder (ADAPTER_DIR).
+
+    `resolver_base` is the model the vLLM servers serve, as their `--model` names it; None keeps
+    each adapter's own base_model_name_or_path in its name folder.
+    """
 
     root: Path
+    resolver_base: str | None = None
 
     def user_folder(self, user_id: str) -> Path:
         """The folder holding every version and staging folder of a user."""
@@ -76,9 +92,42 @@ class AdapterStore:
         for path in [staging, *temp_siblings(staging)]:
             remove(path)
 
-    def remove_user(self, user_id: str) -> None:
-        """Delete every folder of a user (versions, staging)."""
+    def remove_user(self, user_id: str, names: Iterable[str] = ()) -> None:
+        """Delete every folder of a user (versions, staging) and the links of its `names`."""
         remove(self.user_folder(user_id))
+        for name in names:
+            unlink_name(self.root, name)
+
+    @property
+    def names_folder(self) -> Path:
+        """Where versions are linked by serving name (vLLM's resolver folder)."""
+        return self.root / NAMES_FOLDER
+
+
+def link_name(version_folder: Path, name: str, resolver_base: str | None = None) -> Path:
+    """Make `<root>/@by-name/<name>/` for a version folder `<root>/<user>/v<N>` (see module doc).
+
+    Written whole (atomic_folder); one already there is left as it is (names are immutable).
+    """
+    root = version_folder.parent.parent
+    final = root / NAMES_FOLDER / name
+    if final.exists():
+        return final
+    relative = Path("..") / ".." / version_folder.parent.name / version_folder.name
+    config = json.loads((version_folder / ADAPTER_CONFIG).read_text())
+    if resolver_base is not None:
+        config["base_model_name_or_path"] = resolver_base
+    with atomic_folder(final) as tmp:
+        for entry in sorted(version_folder.iterdir()):
+            if entry.name != ADAPTER_CONFIG:
+                (tmp / entry.name).symlink_to(relative / entry.name)
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    return final
+
+
+def unlink_name(root: Path, name: str) -> None:
+    """Remove a version's name folder (one already gone is fine)."""
+    remove(root / NAMES_FOLDER / name)
 
 
 def relative_path(user_id: str, version: int) -> str:

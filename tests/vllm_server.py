@@ -47,9 +47,11 @@ class VllmServer:
     log_path: Path
     max_loras: int = 2
     api_key: str | None = None  # set: vLLM refuses /v1/* without it (VLLM_API_KEY, as in compose)
+    resolver_dir: Path | None = None  # set: vLLM's filesystem LoRA resolver reads adapters there
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     startup_s: float = 0.0
+    _launched: float = 0.0
 
     @property
     def url(self) -> str:
@@ -90,9 +92,13 @@ class VllmServer:
     def environment(self) -> dict[str, str]:
         """Runtime LoRA updates on, a small KV cache, nothing fetched from outside."""
         key = {"VLLM_API_KEY": self.api_key} if self.api_key else {}
+        resolver = (
+            {"VLLM_LORA_RESOLVER_CACHE_DIR": str(self.resolver_dir)} if self.resolver_dir else {}
+        )
         return {
             **{k: v for k, v in os.environ.items() if k != "VLLM_API_KEY"},
             **key,
+            **resolver,
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
             "VLLM_CPU_KVCACHE_SPACE": "2",
             "HF_HUB_OFFLINE": "1",
@@ -103,7 +109,11 @@ class VllmServer:
 
     def start(self) -> VllmServer:
         """Start it and wait for /health (the log is appended to `log_path`)."""
-        started = time.monotonic()
+        return self.launch().ready()
+
+    def launch(self) -> VllmServer:
+        """Start the process without waiting (boot several servers side by side; then ready())."""
+        self._launched = time.monotonic()
         with open(self.log_path, "ab") as log:
             log.write(f"\n=== starting: {' '.join(self.command())}\n".encode())
             self.process = subprocess.Popen(
@@ -113,8 +123,12 @@ class VllmServer:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        self._wait_healthy(started + START_TIMEOUT_S)
-        self.startup_s = time.monotonic() - started
+        return self
+
+    def ready(self) -> VllmServer:
+        """Wait until the launched server answers /health."""
+        self._wait_healthy(self._launched + START_TIMEOUT_S)
+        self.startup_s = time.monotonic() - self._launched
         return self
 
     def _wait_healthy(self, deadline: float) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from app.core.errors import AppError
+from foundation.adapter_store import AdapterStore
 from foundation.model import DEFAULT_SERVED_MODEL_NAME, ModelNotFoundError, prepare_base_model
 from foundation.pairs import PairError
 from foundation.train_config import ANCHOR_FORMS, METHODS, ConfigError, TrainConfig
@@ -253,12 +254,20 @@ def _add_prepare_model(subparsers: Any) -> None:
     """`bapo prepare-model`: convert the bundled model once and print its folder."""
     p = subparsers.add_parser("prepare-model", help="convert the bundled model, print its folder")
     _add_model_options(p)
+    p.add_argument(
+        "--adapter-dir",
+        type=Path,
+        default=None,
+        help="also create this adapter store's @by-name folder (vLLM's LoRA resolver reads it)",
+    )
     p.set_defaults(handler=_run_prepare_model)
 
 
 def _run_prepare_model(args: argparse.Namespace) -> int:
-    """Print the prepared model folder."""
+    """Print the prepared model folder (and create the adapter store's name folder if asked)."""
     _quiet_transformers()
+    if args.adapter_dir is not None:
+        AdapterStore(args.adapter_dir).names_folder.mkdir(parents=True, exist_ok=True)
     print(_model_path(args))
     return 0
 

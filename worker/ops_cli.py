@@ -26,6 +26,10 @@ def add_operator_commands(subparsers: Any) -> None:
     p = subparsers.add_parser("gc-adapters", help=f"delete unneeded adapter versions {ADMIN_HELP}")
     p.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
     p.set_defaults(handler=_gc_adapters)
+    p = subparsers.add_parser(
+        "link-adapters", help=f"link every version by name for vLLM's resolver {ADMIN_HELP}"
+    )
+    p.set_defaults(handler=_link_adapters)
     p = subparsers.add_parser("export-user", help=f"write a user's data as JSON {ADMIN_HELP}")
     p.add_argument("--id", dest="user_id", required=True)
     p.add_argument("--out", type=Path, required=True)
@@ -111,6 +115,16 @@ def _gc_adapters(args: argparse.Namespace) -> int:
             }
         )
     )
+    return 0
+
+
+def _link_adapters(args: argparse.Namespace) -> int:
+    from app.core.config import get_settings
+    from app.services import operations
+
+    with _session_scope() as session:
+        linked, missing = operations.link_adapters(session, get_settings().adapter_store)
+    print(json.dumps({"linked": linked, "missing_files": missing}))
     return 0
 
 

@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.core.train_limits import limit_violations
 from foundation.adapter_store import AdapterStore
-from foundation.model import DEFAULT_SERVED_MODEL_NAME
+from foundation.model import DEFAULT_SERVED_MODEL_NAME, base_model_folder
 from foundation.pairs import PairLimits
 from foundation.train_config import ConfigError, TrainConfig
 
@@ -96,7 +96,13 @@ class Settings(BaseSettings):
         "local", description="`local` (transformers + PEFT in the API process) or `vllm`."
     )
     vllm_url: str = Field(
-        "http://127.0.0.1:8001", description="Base URL of the vLLM OpenAI server."
+        "http://127.0.0.1:8001",
+        description="Base URL of the vLLM OpenAI server; several, comma-separated, share the load.",
+    )
+    vllm_model_path: str | None = Field(
+        None,
+        description="The model vLLM serves, as its --model names it (vLLM's LoRA resolver checks "
+        "adapters name it); empty = the base model's folder here.",
     )
     vllm_api_key: SecretStr | None = Field(
         None, description="Bearer token if vLLM runs with --api-key."
@@ -290,9 +296,16 @@ class Settings(BaseSettings):
         return self.adapter_dir
 
     @property
+    def vllm_urls(self) -> list[str]:
+        """VLLM_URL as a list (one or more servers)."""
+        return [url.strip() for url in self.vllm_url.split(",") if url.strip()]
+
+    @property
     def adapter_store(self) -> AdapterStore:
-        """The adapter store at ADAPTER_DIR (foundation.adapter_store)."""
-        return AdapterStore(self.adapters_path)
+        """The adapter store at ADAPTER_DIR (foundation.adapter_store), offering versions to
+        vLLM's resolver under VLLM_MODEL_PATH (else the base model's folder here)."""
+        base = self.vllm_model_path or str(base_model_folder(self.data_dir, self.base_model))
+        return AdapterStore(self.adapters_path, resolver_base=base)
 
 
 @lru_cache

@@ -39,7 +39,7 @@ def build_backend(settings: Settings) -> InferenceBackend:
 
         key = settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None
         return VllmBackend(
-            settings.vllm_url,
+            settings.vllm_urls,
             settings.served_model_name,
             api_key=key,
             timeout_s=settings.vllm_timeout_s,

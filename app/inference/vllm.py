@@ -1,21 +1,29 @@
-"""vLLM backend: an async client of a vLLM OpenAI-compatible server with runtime LoRA loading.
+"""vLLM backend: an async client of one or more vLLM OpenAI-compatible servers serving LoRAs.
 
-Adapters are loaded on demand under their immutable versioned names (`user-<id>-v<N>`) through
-`/v1/load_lora_adapter`, with one lock per name so concurrent first requests load once. A server
-that restarted forgets runtime-loaded adapters: a chat completion that answers "model does not
-exist" makes us reload the adapter and retry once. Superseded adapters are unloaded once no
-in-flight request of this process uses them (a reference count per name).
+Stateless: a request names its adapter by its immutable versioned name (`user-<id>-v<N>`) and any
+server can answer it. Servers started with vLLM's filesystem LoRA resolver
+(VLLM_LORA_RESOLVER_CACHE_DIR = the adapter store's `@by-name` folder, foundation.adapter_store)
+load a version the first time it is asked for, with no prior call. A server without the resolver
+(or a version linked before it was) answers "model does not exist": the adapter is then loaded on
+that server through `/v1/load_lora_adapter` and the request retried once there.
+
+Nothing that decides which adapter answers lives in this process: several API replicas may share
+the servers. Retired versions are never unloaded from here (another replica may still be
+streaming from one); vLLM's own LRU (`--max-loras` slots, `--max-cpu-loras` cache) evicts idle
+ones, and version names are never reused, so a stale entry is never asked for again.
+
+With several servers (VLLM_URL a comma-separated list), requests go round-robin; a server that
+cannot be reached is skipped for the next one, so a server restart costs no failed request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Coroutine
-from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -39,214 +47,194 @@ READY_TIMEOUT_S = 2.5
 RETRY_AFTER = {"Retry-After": "5"}
 
 
+class VllmReplica:
+    """One vLLM server: its HTTP client and the adapters this process loaded there."""
+
+    def __init__(self, base_url: str, headers: dict[str, str], timeout_s: float) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s)),
+        )
+        self.locks: dict[str, asyncio.Lock] = {}
+
+    def lock(self, name: str) -> asyncio.Lock:
+        """Serialises this process's loads of one adapter on this server."""
+        return self.locks.setdefault(name, asyncio.Lock())
+
+
 class VllmBackend:
-    """Client of one vLLM OpenAI server serving `served_model` with `--enable-lora`."""
+    """Client of vLLM servers serving `served_model` with `--enable-lora`."""
 
     def __init__(
         self,
-        base_url: str,
+        base_urls: str | list[str],
         served_model: str,
         *,
         api_key: str | None = None,
         timeout_s: float = 120.0,
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.base_url = base_url.rstrip("/")
+        urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
+        self.servers = [VllmReplica(url, headers, timeout_s) for url in urls]
+        self.base_url = ", ".join(server.base_url for server in self.servers)
         self.served_model = served_model
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url,
-            headers=headers,
-            timeout=httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s)),
-        )
         self._timeout_s = timeout_s
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._loaded: set[str] = set()
-        self._in_flight: Counter[str] = Counter()
-        self._retiring: set[str] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._turn = itertools.count()
         self.on_adapter_load: AdapterLoadObserver | None = None
 
     async def generate(
         self, request: GenerationRequest, adapter: AdapterRef | None
     ) -> GenerationResult:
-        """One non-streamed chat completion."""
-        async with self._using(adapter) as model:
-            response = await self._chat(
-                _path(request), _payload(request, model, stream=False), adapter
-            )
+        """One non-streamed (chat) completion."""
+        payload = _payload(request, _model(self.served_model, adapter), stream=False)
+        response = await self._complete(_path(request), payload, adapter)
         return _result(response.json())
 
     async def stream(
         self, request: GenerationRequest, adapter: AdapterRef | None
     ) -> AsyncIterator[StreamDelta]:
-        """A streamed chat completion, its deltas passed through as they arrive."""
-        async with self._using(adapter) as model:
-            payload = _payload(request, model, stream=True)
-            response = await self._chat(_path(request), payload, adapter)
-            try:
-                async for delta in _deltas(response, self._timeout_s):
-                    yield delta
-            finally:
-                await response.aclose()
+        """A streamed (chat) completion, its deltas passed through as they arrive."""
+        payload = _payload(request, _model(self.served_model, adapter), stream=True)
+        response = await self._complete(_path(request), payload, adapter)
+        try:
+            async for delta in _deltas(response, self._timeout_s):
+                yield delta
+        finally:
+            await response.aclose()
 
     async def ready(self) -> tuple[bool, str]:
-        """Ready when the server answers and serves our base model."""
+        """Ready when at least one server answers and serves our base model."""
+        checks = await asyncio.gather(*(self._ready(server) for server in self.servers))
+        up = [detail for ok, detail in checks if ok]
+        if not up:
+            return False, "; ".join(detail for _ok, detail in checks)
+        if len(self.servers) == 1:
+            return True, up[0]
+        return True, f"{len(up)}/{len(self.servers)} vLLM servers ready: " + "; ".join(
+            detail for _ok, detail in checks
+        )
+
+    async def _ready(self, server: VllmReplica) -> tuple[bool, str]:
         try:
-            response = await self._http.get("/v1/models", timeout=READY_TIMEOUT_S)
+            response = await server.http.get("/v1/models", timeout=READY_TIMEOUT_S)
         except httpx.TransportError as exc:
-            return False, f"vLLM unreachable at {self.base_url}: {type(exc).__name__}"
+            return False, f"vLLM unreachable at {server.base_url}: {type(exc).__name__}"
         if response.status_code != 200:
-            return False, f"vLLM at {self.base_url} answered {response.status_code}"
+            return False, f"vLLM at {server.base_url} answered {response.status_code}"
         ids = {m.get("id") for m in response.json().get("data", [])}
         if self.served_model not in ids:
-            return False, f"vLLM at {self.base_url} does not serve {self.served_model!r}"
-        return True, f"vLLM at {self.base_url}, {len(ids) - 1} adapter(s) loaded"
+            return False, f"vLLM at {server.base_url} does not serve {self.served_model!r}"
+        return True, f"vLLM at {server.base_url}, {len(ids) - 1} adapter(s) loaded"
 
     async def loaded_adapters(self) -> set[str]:
-        """Adapters the server holds now (loaded by any client), from `/v1/models`."""
-        response = await self._send("GET", "/v1/models", timeout=ADMIN_TIMEOUT_S)
-        _raise_for_error(response, "list models")
-        models = response.json().get("data", [])
-        return {m["id"] for m in models if m.get("parent") is not None}
+        """Adapters the servers hold now (loaded by anyone), from each `/v1/models`."""
+        names: set[str] = set()
+        for server in self.servers:
+            response = await self._guard(
+                server, server.http.get("/v1/models", timeout=ADMIN_TIMEOUT_S)
+            )
+            _raise_for_error(response, "list models")
+            names |= {m["id"] for m in response.json().get("data", []) if m.get("parent")}
+        return names
 
     async def unload(self, adapter_name: str) -> None:
-        """Unload now if idle, else when the last in-flight request using it finishes."""
-        self._retiring.add(adapter_name)
-        if self._in_flight[adapter_name] == 0:
-            await self._unload_if_retiring(adapter_name)
+        """Nothing: vLLM's LRU retires idle adapters (see the module doc for why)."""
+        log.debug("vLLM: %s retired; left to the servers' LRU", adapter_name)
 
     async def aclose(self) -> None:
-        """Close the HTTP client and stop pending background unloads."""
-        for task in list(self._tasks):
-            task.cancel()
-        await self._http.aclose()
+        """Close the HTTP clients."""
+        for server in self.servers:
+            await server.http.aclose()
 
-    # --- adapters: load on demand, count users, unload when retired and idle ----------------
+    # --- a completion: pick a server, skip unreachable ones, load on a resolver miss ----------
 
-    @asynccontextmanager
-    async def _using(self, adapter: AdapterRef | None) -> AsyncIterator[str]:
-        """The model name to send, with the adapter loaded and counted as in use meanwhile."""
-        if adapter is None:
-            yield self.served_model
-            return
-        name = adapter.name
-        self._in_flight[name] += 1
-        self._retiring.discard(name)  # asked for again (e.g. a rollback): keep it
-        try:
-            await self._ensure_loaded(adapter)
-            yield name
-        finally:
-            self._in_flight[name] -= 1
-            if self._in_flight[name] == 0:
-                del self._in_flight[name]
-                if name in self._retiring:
-                    self._spawn(self._unload_if_retiring(name))
-
-    async def _ensure_loaded(self, adapter: AdapterRef, *, reload: bool = False) -> None:
-        """Load the adapter once, whatever the number of concurrent first requests."""
-        if adapter.name in self._loaded and not reload:
-            return
-        async with self._lock(adapter.name):
-            if adapter.name in self._loaded and not reload:
-                return
-            started = time.perf_counter()
-            await self._load(adapter)
-            self._loaded.add(adapter.name)
-            if self.on_adapter_load is not None:
-                self.on_adapter_load(time.perf_counter() - started)
-
-    async def _load(self, adapter: AdapterRef) -> None:
-        """POST /v1/load_lora_adapter; "already loaded" counts as success."""
-        body = {"lora_name": adapter.name, "lora_path": str(adapter.path)}
-        response = await self._send(
-            "POST", "/v1/load_lora_adapter", json=body, timeout=ADMIN_TIMEOUT_S
-        )
-        if response.status_code == 400 and "already been loaded" in _error_message(response):
-            return
-        if response.is_error:
-            raise ServiceUnavailable(
-                f"The inference server could not load adapter {adapter.name} from {adapter.path}: "
-                f"{_error_message(response)}",
-                "adapter_load_failed",
-            )
-        log.info("vLLM: loaded adapter %s from %s", adapter.name, adapter.path)
-
-    async def _unload_if_retiring(self, name: str) -> None:
-        """Unload a retired adapter unless a request took it up again meanwhile."""
-        async with self._lock(name):
-            if name not in self._retiring or self._in_flight[name] > 0:
-                return
-            try:
-                response = await self._send(
-                    "POST",
-                    "/v1/unload_lora_adapter",
-                    json={"lora_name": name},
-                    timeout=ADMIN_TIMEOUT_S,
-                )
-            except ServiceUnavailable as exc:  # a server that is down holds no adapters anyway
-                log.warning("vLLM: could not unload %s: %s", name, exc.message)
-                return
-            if response.is_error and response.status_code != 404:
-                log.warning("vLLM: unloading %s failed: %s", name, _error_message(response))
-                return
-            self._retiring.discard(name)
-            self._loaded.discard(name)
-            log.info("vLLM: unloaded adapter %s", name)
-
-    def _lock(self, name: str) -> asyncio.Lock:
-        """The lock serialising load/unload of one adapter name."""
-        return self._locks.setdefault(name, asyncio.Lock())
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run a background coroutine, keeping a reference until it ends."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    # --- HTTP -----------------------------------------------------------------------------------
-
-    async def _chat(
+    async def _complete(
         self, path: str, payload: dict[str, Any], adapter: AdapterRef | None
     ) -> httpx.Response:
-        """POST a (chat) completion; reload a forgotten adapter and retry once; map errors."""
-        response = await self._send_chat(path, payload)
+        """Send to the next server (then the others if it cannot be reached); map errors."""
+        start = next(self._turn)
+        order = [self.servers[(start + i) % len(self.servers)] for i in range(len(self.servers))]
+        for index, server in enumerate(order):
+            try:
+                response = await self._send_completion(server, path, payload, adapter)
+            except ServiceUnavailable as exc:
+                if exc.code != "inference_unavailable" or index == len(order) - 1:
+                    raise
+                log.warning("vLLM at %s unreachable; trying the next server", server.base_url)
+                continue
+            if response.is_error:
+                await response.aread()
+                await response.aclose()
+                _raise_for_error(response, "completion")
+            return response
+        raise AssertionError("unreachable: the last server's failure is raised")
+
+    async def _send_completion(
+        self, server: VllmReplica, path: str, payload: dict[str, Any], adapter: AdapterRef | None
+    ) -> httpx.Response:
+        """One server: the completion, and on "model does not exist" a load and one retry."""
+        response = await self._send(server, path, payload)
         if adapter is not None and await _model_missing(response):
-            log.warning("vLLM does not know %s (restarted?): reloading it", adapter.name)
-            await self._ensure_loaded(adapter, reload=True)
-            response = await self._send_chat(path, payload)
-        if response.is_error:
-            await response.aread()
-            await response.aclose()
-            _raise_for_error(response, "chat completion")
+            log.info("vLLM at %s does not know %s: loading it", server.base_url, adapter.name)
+            await self._load(server, adapter)
+            response = await self._send(server, path, payload)
         return response
 
-    async def _send_chat(self, path: str, payload: dict[str, Any]) -> httpx.Response:
+    async def _send(
+        self, server: VllmReplica, path: str, payload: dict[str, Any]
+    ) -> httpx.Response:
         """Send a (chat) completion; the body is left unread when streaming."""
-        request = self._http.build_request("POST", path, json=payload)
-        return await self._guard(self._http.send(request, stream=bool(payload["stream"])))
+        request = server.http.build_request("POST", path, json=payload)
+        return await self._guard(server, server.http.send(request, stream=bool(payload["stream"])))
 
-    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """One request with transport failures mapped to 503."""
-        return await self._guard(self._http.request(method, path, **kwargs))
+    async def _load(self, server: VllmReplica, adapter: AdapterRef) -> None:
+        """POST /v1/load_lora_adapter on one server; "already loaded" counts as success."""
+        async with server.lock(adapter.name):
+            started = time.perf_counter()
+            body = {"lora_name": adapter.name, "lora_path": str(adapter.path)}
+            response = await self._guard(
+                server,
+                server.http.post("/v1/load_lora_adapter", json=body, timeout=ADMIN_TIMEOUT_S),
+            )
+            if response.status_code == 400 and "already been loaded" in _error_message(response):
+                return
+            if response.is_error:
+                raise ServiceUnavailable(
+                    f"The inference server at {server.base_url} could not load adapter "
+                    f"{adapter.name} from {adapter.path}: {_error_message(response)}",
+                    "adapter_load_failed",
+                )
+            if self.on_adapter_load is not None:
+                self.on_adapter_load(time.perf_counter() - started)
+            log.info("vLLM: loaded adapter %s from %s", adapter.name, adapter.path)
 
-    async def _guard(self, call: Coroutine[Any, Any, httpx.Response]) -> httpx.Response:
+    async def _guard(
+        self, server: VllmReplica, call: Coroutine[Any, Any, httpx.Response]
+    ) -> httpx.Response:
         """Await an httpx call; unreachable or slow servers become ServiceUnavailable."""
         try:
             return await call
         except httpx.TimeoutException as exc:
             raise ServiceUnavailable(
-                f"The inference server at {self.base_url} did not answer in time "
+                f"The inference server at {server.base_url} did not answer in time "
                 f"({type(exc).__name__})",
                 "inference_timeout",
                 headers=RETRY_AFTER,
             ) from exc
         except httpx.TransportError as exc:
             raise ServiceUnavailable(
-                f"The inference server at {self.base_url} is unreachable ({type(exc).__name__}); "
-                "retry shortly",
+                f"The inference server at {server.base_url} is unreachable "
+                f"({type(exc).__name__}); retry shortly",
                 "inference_unavailable",
                 headers=RETRY_AFTER,
             ) from exc
+
+
+def _model(served_model: str, adapter: AdapterRef | None) -> str:
+    """The model name to send: the adapter's serving name, or the base model's."""
+    return adapter.name if adapter is not None else served_model
 
 
 def _payload(request: GenerationRequest, model: str, *, stream: bool) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from foundation.adapter_store import (
     AdapterStore,
     is_complete,
     is_version_folder,
+    link_name,
     relative_path,
 )
 
@@ -71,10 +72,12 @@ def register_adapter(
     metrics: dict[str, Any] | None,
     gate_passed: bool,
     gate_reason: str | None,
+    resolver_base: str | None = None,
 ) -> Adapter:
     """Record the folder `<store>/<user>/v<N>` as version N, the user's next version.
 
-    It becomes active if it passed the gate and the user has not pinned their choice.
+    It becomes active if it passed the gate and the user has not pinned their choice. It is also
+    offered to vLLM's LoRA resolver under its name, for base model `resolver_base` (store doc).
     """
     user = user_service.get_user(session, user_id)
     if not is_complete(path):
@@ -104,6 +107,8 @@ def register_adapter(
     if gate_passed and not user.active_adapter_pinned:
         user.active_adapter_version = version
     session.flush()
+    # Reachable by name for vLLM's resolver; a rollback leaves a link to a number never reused.
+    link_name(path, adapter.name, resolver_base)
     return adapter
 
 
@@ -126,7 +131,7 @@ def publish_adapter(
 ) -> Adapter:
     """Rename a complete staging folder to the user's next version, then record that version."""
     folder = store.publish(staging, user_id, next_version(session, user_id))
-    return register_adapter(session, user_id, folder, **record)
+    return register_adapter(session, user_id, folder, **record, resolver_base=store.resolver_base)
 
 
 def list_adapters(session: Session, user_id: str) -> list[Adapter]:

@@ -16,7 +16,7 @@ from app.models import Adapter, PreferencePair, User
 from app.services import adapters as adapter_service
 from app.services import feedback as feedback_service
 from app.services import users as user_service
-from foundation.adapter_store import AdapterStore, remove
+from foundation.adapter_store import AdapterStore, is_complete, link_name, remove, unlink_name
 from foundation.pairs import PairError, PairLimits, pair_from_dict
 
 EXPORT_FORMAT = "bapo-user-export"
@@ -81,11 +81,30 @@ def collect_adapters(
         )
         for adapter in adapters:
             folder = adapter_service.adapter_path(adapter, store)
+            after_commit(session, partial(unlink_name, store.root, adapter.name))
             after_commit(session, partial(remove, folder))
         session.execute(
             delete(Adapter).where(Adapter.user_id == row.id, Adapter.version.in_(doomed))
         )
     return collected
+
+
+def link_adapters(session: Session, store: AdapterStore) -> tuple[int, list[str]]:
+    """Link every recorded version whose files exist by its serving name (idempotent).
+
+    For versions published before the store kept name links: vLLM's resolver finds them then.
+    Returns (linked, names whose folder is missing).
+    """
+    linked, missing = 0, []
+    for adapter in session.scalars(select(Adapter).order_by(Adapter.user_id, Adapter.version)):
+        folder = adapter_service.adapter_path(adapter, store)
+        if not is_complete(folder):
+            missing.append(adapter.name)
+            continue
+        version = store.version_folder(adapter.user_id, adapter.version)
+        link_name(version, adapter.name, store.resolver_base)
+        linked += 1
+    return linked, missing
 
 
 def export_user(session: Session, user_id: str) -> dict[str, Any]:

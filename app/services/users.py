@@ -90,10 +90,11 @@ def delete_user(session: Session, user_id: str, store: AdapterStore) -> None:
     _keep_version_floor(session, user_id)
     job_ids = select(TrainingJob.id).where(TrainingJob.user_id == user_id)
     session.execute(delete(JobEvent).where(JobEvent.job_id.in_(job_ids)))
+    names = list(session.scalars(select(Adapter.name).where(Adapter.user_id == user_id)))
     for model in (TrainingJob, Adapter, PreferencePair, IdempotencyRecord, ApiKey):
         session.execute(delete(model).where(model.user_id == user_id))
     session.execute(delete(User).where(User.id == user_id))
-    after_commit(session, lambda: store.remove_user(user_id))
+    after_commit(session, lambda: store.remove_user(user_id, names))
 
 
 def _keep_version_floor(session: Session, user_id: str) -> None:

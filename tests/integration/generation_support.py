@@ -67,6 +67,7 @@ def publish(server: LiveServer, user_id: str, folder: Path, *, gate_passed: bool
             metrics={"test": True},
             gate_passed=gate_passed,
             gate_reason=None if gate_passed else "retention",
+            resolver_base=server.settings.adapter_store.resolver_base,
         )
         return adapter.version
 

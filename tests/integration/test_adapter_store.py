@@ -28,7 +28,7 @@ from app.models import Adapter
 from app.services import adapters as adapter_service
 from app.services import operations
 from app.services import users as user_service
-from foundation.adapter_store import ADAPTER_CONFIG, AdapterStore
+from foundation.adapter_store import ADAPTER_CONFIG, AdapterStore, unlink_name
 from foundation.files import atomic_folder
 from tests.integration.generation_support import (
     build_adapters,
@@ -201,3 +201,49 @@ def test_rows_with_absolute_paths_from_older_releases_follow_the_store(
         assert only_row(listing)["available"] is True, listing
         response = api.http.post(f"/users/{user_id}/adapters/v1/activate", headers=headers)
         assert response.status_code == 200, response.text
+
+
+def test_versions_are_linked_by_name_for_vllms_resolver(database: str, tmp_path: Path) -> None:
+    """`<store>/@by-name/<name>/` leads to each live version's files (what vLLM's filesystem
+    resolver reads); GC and user deletion remove them; link-adapters restores lost ones."""
+    settings = make_settings(tmp_path, database)
+    store, engine = settings.adapter_store, make_engine(settings)
+    factory = make_sessionmaker(engine)
+
+    def links() -> dict[str, bytes]:
+        return {
+            link.name: (link / "adapter_model.safetensors").read_bytes()
+            for link in sorted(store.names_folder.iterdir())
+            if link.exists()
+        }
+
+    with transaction(factory) as session:
+        user_service.create_user(session, "ln")
+        user_service.create_user(session, "ln-v1")  # a user whose id looks like a version name
+    for weights in (b"\x01", b"\x02", b"\x03"):
+        publish_staged(factory, store, "ln", weights)
+    publish_staged(factory, store, "ln-v1", b"\x09")
+    assert links() == {
+        "user-ln-v1": b"\x01",
+        "user-ln-v2": b"\x02",
+        "user-ln-v3": b"\x03",
+        "user-ln-v1-v1": b"\x09",
+    }
+    named = store.names_folder / "user-ln-v3"
+    weights = named / "adapter_model.safetensors"
+    assert weights.readlink() == Path("../../ln/v3/adapter_model.safetensors")  # relative
+    config = json.loads((named / ADAPTER_CONFIG).read_text())
+    assert config["base_model_name_or_path"] == store.resolver_base  # what vLLM's --model names
+    assert json.loads((store.version_folder("ln", 3) / ADAPTER_CONFIG).read_text()) == {}
+
+    with transaction(factory) as session:
+        assert operations.collect_adapters(session, store, dry_run=False) == {"ln": [1]}
+    assert set(links()) == {"user-ln-v2", "user-ln-v3", "user-ln-v1-v1"}
+    unlink_name(store.root, "user-ln-v3")  # e.g. published before the store kept links
+    with transaction(factory) as session:
+        assert operations.link_adapters(session, store) == (3, [])
+    assert set(links()) == {"user-ln-v2", "user-ln-v3", "user-ln-v1-v1"}
+    with transaction(factory) as session:
+        user_service.delete_user(session, "ln", store)
+    assert set(p.name for p in store.names_folder.iterdir()) == {"user-ln-v1-v1"}
+    engine.dispose()

@@ -313,3 +313,37 @@ def test_the_api_and_workers_bound_lora_rank_like_vllm(tmp_path: Path) -> None:
     assert _flag(services["vllm"]["command"], "--max-lora-rank") == "16"
     for name in ("api", "worker", "ops-worker", "beat"):
         assert services[name]["environment"]["VLLM_MAX_LORA_RANK"] == "16", name
+
+
+def test_serving_scales_out_from_the_same_file(tmp_path: Path) -> None:
+    """`--scale api=2` (a host port range) and a second vLLM server (`--profile second-vllm`),
+    both resolving vLLM adapters by name from the shared store."""
+    env = _env_file(
+        tmp_path, API_PORTS="8000-8001", VLLM_URLS="http://vllm:8000,http://vllm-2:8000"
+    )
+    tool = shutil.which("docker-compose")
+    assert tool
+    done = subprocess.run(
+        [tool, "--env-file", str(env), "-f", str(COMPOSE), "--profile", "second-vllm", "config"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    services = yaml.safe_load(done.stdout)["services"]
+    first, second = services["vllm"], services["vllm-2"]
+    assert second["command"] == first["command"] and second["image"] == first["image"]
+    for vllm in (first, second):
+        assert vllm["environment"]["VLLM_LORA_RESOLVER_CACHE_DIR"] == "/data/adapters/@by-name"
+        assert _mount(vllm, "adapters") == "/data/adapters"
+    devices = [s["deploy"]["resources"]["reservations"]["devices"][0] for s in (first, second)]
+    assert devices[0]["device_ids"] != devices[1]["device_ids"]
+    api = services["api"]
+    assert api["environment"]["VLLM_URL"] == "http://vllm:8000,http://vllm-2:8000"
+    assert api["environment"]["VLLM_MODEL_PATH"] in first["command"]  # what the resolver checks
+    published = api["ports"][0]
+    published = published if isinstance(published, str) else f"{published['published']}"
+    assert "8000-8001" in published, api["ports"]
+    assert "/data/adapters" in " ".join(services["prepare-model"]["command"])
+    assert second["profiles"] == ["second-vllm"] and "profiles" not in first  # only when asked
