@@ -12,28 +12,19 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import httpx2
 import openai
 import pytest
 from openai.types.fine_tuning import FineTuningJob
 
+from tests.integration.openai_client_checks import RequestLog
 from tests.support import Api
 from tests.worker_support import JOB_TIMEOUT_S, Stack, job_stack, post_pairs, wait_for
 
 DPO = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 1}}}
 ENDED = {"succeeded", "failed", "cancelled"}
-
-
-@dataclass
-class RequestLog:
-    """The HTTP requests a client sent (to see that the SDK did not retry)."""
-
-    sent: list[str] = field(default_factory=list)
-
-    def __call__(self, request: httpx2.Request) -> None:
-        self.sent.append(f"{request.method} {request.url.path}")
 
 
 @dataclass
@@ -385,3 +376,17 @@ def test_a_job_created_with_the_sdk_trains_and_its_model_answers(stack: Stack) -
     with pytest.raises(openai.ConflictError) as caught:
         client.fine_tuning.jobs.cancel(job.id)
     assert caught.value.code == "job_finished" and len(me.requests.sent) == before + 1
+
+
+@pytest.mark.slow
+def test_the_readme_loop_runs_as_written(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
+    """README's openai-client script (upload pairs, fine-tune, chat), executed unchanged."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("<!-- openai-loop:begin")[1].split("<!-- openai-loop:end -->")[0]
+    code = block.split("```python\n", 1)[1].rsplit("```", 1)[0]
+    user_id, headers = stack.api.create_user("readme")
+    key = headers["Authorization"].removeprefix("Bearer ")
+    exec(compile(code, "README.md", "exec"), {"BASE": stack.api.http.base_url, "KEY": key,
+                                               "USER": user_id})  # fmt: skip
+    status, model, answer = capsys.readouterr().out.strip().split(" ", 2)
+    assert (status, model) == ("succeeded", f"user:{user_id}:v1") and answer
