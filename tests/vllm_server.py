@@ -48,6 +48,7 @@ class VllmServer:
     max_loras: int = 2
     api_key: str | None = None  # set: vLLM refuses /v1/* without it (VLLM_API_KEY, as in compose)
     resolver_dir: Path | None = None  # set: vLLM's filesystem LoRA resolver reads adapters there
+    cpu_bind: str | None = None  # VLLM_CPU_OMP_THREADS_BIND, e.g. "1"; default: vLLM's "auto"
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     startup_s: float = 0.0
@@ -95,6 +96,8 @@ class VllmServer:
         resolver = (
             {"VLLM_LORA_RESOLVER_CACHE_DIR": str(self.resolver_dir)} if self.resolver_dir else {}
         )
+        if self.cpu_bind is not None:
+            resolver["VLLM_CPU_OMP_THREADS_BIND"] = self.cpu_bind
         return {
             **{k: v for k, v in os.environ.items() if k != "VLLM_API_KEY"},
             **key,
