@@ -180,9 +180,13 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
 
 
 def load_model(path: Path, device: torch.device | None = None) -> CausalLM:
-    """The causal LM in fp32 (autocast handles bf16 on CUDA), in eval mode, on `device`."""
+    """The causal LM in eval mode on `device`: bf16 weights on CUDA (half the memory of fp32
+    weights under autocast; LoRA's own weights stay fp32, PEFT upcasts them, and autocast runs
+    their matmuls in bf16), fp32 on the CPU."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model: CausalLM = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    return model.to(device or default_device()).eval()
+    device = device or default_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model: CausalLM = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return model.to(device).eval()

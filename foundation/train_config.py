@@ -76,6 +76,8 @@ class TrainConfig:
     base_do_sample: bool = False
     base_batch_size: int = 8
     score_batch_size: int = 8
+    packing: bool = True  # the prompt forwarded once per pair (False: one padded row per sequence)
+    gradient_checkpointing: bool = False  # recompute activations in backward (GPU memory)
 
     @property
     def effective_anchor_weight(self) -> float:

@@ -199,7 +199,7 @@ class LocalEngine:
             torch.set_num_threads(threads)
         self.tokenizer: Any = load_tokenizer(model_dir)  # the engine's: its padding is unused here
         self.device = default_device()  # CUDA when there is one, else the CPU
-        self.base: Any = load_model(model_dir, self.device)  # fp32, eval mode, like training
+        self.base: Any = load_model(model_dir, self.device)  # eval mode, the dtype training uses
         self.peft: Any = None  # the PeftModel wrapping `base`, once an adapter is loaded
         self.adapters: OrderedDict[str, AdapterRef] = OrderedDict()
         self.max_adapters = max_adapters

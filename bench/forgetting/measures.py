@@ -172,7 +172,7 @@ def pair_scores(
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):
             chunk = list(pairs[start : start + batch_size])
-            w, r, b, _ = pair_logratios(model, chunk, pad_token_id, True)
+            w, r, b, _, _ = pair_logratios(model, chunk, pad_token_id, True)
             assert b is not None
             h_w += w.tolist()
             h_l += r.tolist()

@@ -274,6 +274,7 @@ def encode_slice(session: Session, pairs: list[Pair]) -> list[EncodedPair]:
         session.identity,
         base_cache=session.base_cache,
         ref_cache=session.ref_cache,
+        with_base=True,  # every method's drift is measured on the base answers
     )
     encoded = []
     for i, pair in enumerate(pairs):
@@ -282,9 +283,9 @@ def encode_slice(session: Session, pairs: list[Pair]) -> list[EncodedPair]:
             pair,
             config.max_prompt_tokens,
             config.max_response_tokens,
-            base_ids=anchors.base_responses[i].token_ids,
+            base_ids=anchors.base_ids(i),
         )
-        item.ref_logps = (anchors.ref_chosen[i], anchors.ref_rejected[i], anchors.ref_base[i])
+        item.ref_logps = anchors.ref_logps(i)
         encoded.append(item)
     return encoded
 

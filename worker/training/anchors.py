@@ -67,13 +67,24 @@ class Generation:
 
 @dataclass
 class Anchors:
-    """Per pair (input order): the base answer and reference log-probs of chosen/rejected/base."""
+    """Per pair (input order): the base answer and reference log-probs of chosen/rejected/base.
 
-    base_responses: list[Generation]
+    Without base answers (DPO never scores them) `base_responses` and `ref_base` are None."""
+
+    base_responses: list[Generation] | None
     ref_chosen: list[float]
     ref_rejected: list[float]
-    ref_base: list[float]
+    ref_base: list[float] | None
     stats: CacheStats
+
+    def ref_logps(self, i: int) -> tuple[float, ...]:
+        """log πref of pair i's (chosen, rejected[, base]) — what EncodedPair.ref_logps holds."""
+        known = (self.ref_chosen[i], self.ref_rejected[i])
+        return known if self.ref_base is None else (*known, self.ref_base[i])
+
+    def base_ids(self, i: int) -> list[int] | None:
+        """The token ids of pair i's base answer, if there are base answers."""
+        return None if self.base_responses is None else self.base_responses[i].token_ids
 
 
 def reference_mode(model: CausalLM) -> contextlib.AbstractContextManager[Any]:
@@ -152,24 +163,34 @@ def compute_anchors(
     base_cache: KeyValueCache | None = None,
     ref_cache: KeyValueCache | None = None,
     on_phase: PhaseCallback | None = None,
+    with_base: bool | None = None,
 ) -> Anchors:
-    """Fill both caches for `pairs`, computing only missing entries, with the model as reference."""
+    """Fill both caches for `pairs`, computing only missing entries, with the model as reference.
+
+    Base answers are generated and scored only `with_base` (default: when the config's method
+    uses the anchor; DPO does not, so its jobs skip the generation entirely)."""
     base_cache = base_cache if base_cache is not None else MemoryCache()
     ref_cache = ref_cache if ref_cache is not None else MemoryCache()
+    if with_base is None:
+        with_base = config.effective_anchor_weight > 0
     stats = CacheStats()
     with reference_mode(model):
         if on_phase:
             on_phase("base_responses")
-        base = _base_responses(model, tokenizer, pairs, config, identity, base_cache, stats)
+        base = (
+            _base_responses(model, tokenizer, pairs, config, identity, base_cache, stats)
+            if with_base
+            else None
+        )
         if on_phase:
             on_phase("reference_logprobs")
-        triples: list[tuple[Pair, str | Generation]] = [
-            (p, response)
-            for p, b in zip(pairs, base, strict=True)
-            for response in (p.chosen, p.rejected, b)
-        ]
-        logps = _reference_logprobs(model, tokenizer, triples, config, identity, ref_cache, stats)
-    return Anchors(base, logps[0::3], logps[1::3], logps[2::3], stats)
+        kinds = 3 if base is not None else 2
+        items: list[tuple[Pair, str | Generation]] = []
+        for i, p in enumerate(pairs):
+            items += [(p, p.chosen), (p, p.rejected)] + ([(p, base[i])] if base is not None else [])
+        logps = _reference_logprobs(model, tokenizer, items, config, identity, ref_cache, stats)
+    ref_base = logps[2::3] if base is not None else None
+    return Anchors(base, logps[0::kinds], logps[1::kinds], ref_base, stats)
 
 
 def _base_responses(

@@ -256,17 +256,19 @@ def retention_metrics(retention: dict[str, Any]) -> dict[str, float]:
 def pair_metrics(
     model: CausalLM, pairs: list[EncodedPair], config: TrainConfig, pad_token_id: int
 ) -> dict[str, float]:
-    """Loss, preference accuracy/margin and base-anchor drift of `model` on encoded pairs."""
+    """Loss, preference accuracy/margin and (with base answers) base-anchor drift of `model`."""
+    with_base = all(pair.base is not None for pair in pairs)  # DPO jobs have no base answers
     parts: list[tuple[torch.Tensor, ...]] = []
     with torch.no_grad():
         for start in range(0, len(pairs), config.score_batch_size):
-            h_w, h_l, h_b, _ = pair_logratios(
-                model, pairs[start : start + config.score_batch_size], pad_token_id, True
+            chunk = pairs[start : start + config.score_batch_size]
+            h_w, h_l, h_b, _, _ = pair_logratios(
+                model, chunk, pad_token_id, with_base, packed=config.packing
             )
-            assert h_b is not None
-            parts.append((h_w, h_l, h_b))
-    h_w, h_l, h_b = (torch.cat(column) for column in zip(*parts, strict=True))
-    metrics = bapo_loss(h_w, h_l, base_anchor(pairs, h_b), beta=config.beta,
+            parts.append((h_w, h_l) if h_b is None else (h_w, h_l, h_b))
+    h = [torch.cat(column) for column in zip(*parts, strict=True)]
+    anchor = base_anchor(pairs, h[2]) if with_base else None
+    metrics = bapo_loss(h[0], h[1], anchor, beta=config.beta,
                         anchor_weight=config.effective_anchor_weight,
                         anchor_form=config.anchor_form,
                         anchor_tolerance=config.anchor_tolerance).metrics  # fmt: skip

@@ -3,18 +3,23 @@
 The vocabulary projection (lm_head) and the softmax are applied only at the positions that predict
 a response token: the backbone's final hidden states are gathered there first. Prompt and padding
 positions never get logits.
+
+Training forwards a pair in the packed layout (worker.training.data.pack: the prompt once, each
+response attending to it); reference scoring and generation-free evaluation use padded rows
+sorted by length. Both give the same log-probs (tests/unit/training/test_packing.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from foundation.model import CausalLM, autocast
-from worker.training.data import Batch, EncodedPair, collate
+from worker.training.data import Batch, EncodedPair, PackedBatch, collate, pack
 from worker.training.loss import BaseAnchor
 
 T = TypeVar("T")
@@ -52,11 +57,80 @@ def _token_logprobs(model: CausalLM, batch: Batch) -> tuple[torch.Tensor, torch.
         ).last_hidden_state  # [N, T, H]
         scored = batch.response_mask[:, 1:]  # [N, T-1]
         states = hidden[:, :-1][scored]  # [K, H]
-        logits = head(states).float()  # [K, V]
-    targets = batch.input_ids[:, 1:][scored]  # [K]
-    token_logps = -F.cross_entropy(logits, targets, reduction="none")  # [K]
+        targets = batch.input_ids[:, 1:][scored]  # [K]
+        token_logps = head_logprobs(head, states, targets)  # [K]
     rows = torch.arange(scored.shape[0], device=device).unsqueeze(1).expand_as(scored)[scored]
     return token_logps, rows
+
+
+def packed_logprobs(model: CausalLM, batch: PackedBatch) -> torch.Tensor:
+    """Σ_t log p(y_t | x, y_<t) per sequence of a packed batch → [num_sequences] float32.
+
+    One forward of the [R, W] grid under its 4-D mask and restarting position ids; only the K
+    predicting positions reach lm_head.
+    """
+    backbone, head = backbone_and_head(model)
+    device = batch.input_ids.device
+    with autocast(device):
+        hidden = backbone(
+            input_ids=batch.input_ids,
+            position_ids=batch.position_ids,
+            attention_mask=_attention_mask(model, batch.attention_mask),
+            use_cache=False,
+        ).last_hidden_state  # [R, W, H]
+        states = hidden.reshape(-1, hidden.shape[-1])[batch.predictors]  # [K, H]
+        token_logps = head_logprobs(head, states, batch.targets)  # [K]
+    totals = torch.zeros(batch.num_sequences, dtype=torch.float32, device=device)
+    return totals.index_add(0, batch.sequences, token_logps)
+
+
+# Above this many logits ([K, V] elements: 2^26 is 256 MiB in fp32) the head runs in chunks whose
+# logits are recomputed in the backward pass instead of kept: with a 128k vocabulary, 8k scored
+# positions would otherwise hold 4 GiB of logits (and as much again for their gradient).
+HEAD_CHUNK_ELEMENTS = 1 << 26
+
+
+def head_logprobs(
+    head: torch.nn.Module,
+    states: torch.Tensor,
+    targets: torch.Tensor,
+    max_elements: int = HEAD_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """log p(target | state) per scored position: lm_head, fp32 log-softmax, gather → [K].
+
+    Chunked (and checkpointed while training) when K × V exceeds `max_elements`; the values and
+    gradients are the same either way.
+    """
+    weight = getattr(head, "weight", None)
+    vocab = int(weight.shape[0]) if isinstance(weight, torch.Tensor) else 1
+    chunk = max(1, max_elements // max(1, vocab))
+    if states.shape[0] <= chunk:
+        return _head_chunk(head, states, targets)
+    parts = []
+    for start in range(0, states.shape[0], chunk):
+        piece = (head, states[start : start + chunk], targets[start : start + chunk])
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(_head_chunk, *piece, use_reentrant=False))
+        else:
+            parts.append(_head_chunk(*piece))
+    return torch.cat(parts)
+
+
+def _head_chunk(head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """−cross-entropy of one chunk's logits (computed in fp32)."""
+    logits = head(states).float()  # [k, V]
+    return -F.cross_entropy(logits, targets, reduction="none")
+
+
+def _attention_mask(model: CausalLM, allowed: torch.Tensor) -> torch.Tensor:
+    """The 4-D mask as the model's attention wants it: boolean for SDPA (and flex's fallback),
+    additive float (0 / dtype min) for eager attention. transformers passes a 4-D mask through
+    as it is."""
+    if getattr(model.config, "_attn_implementation", "sdpa") != "eager":
+        return allowed
+    dtype = next(model.parameters()).dtype
+    blocked = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return blocked.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def score_sequences(
@@ -107,24 +181,49 @@ def _length_sorted_batches(
         yield chunk, collate([rows[i] for i in chunk], pad_token_id).to(device)
 
 
-def pair_logratios(
-    model: CausalLM, pairs: list[EncodedPair], pad_token_id: int, with_base: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
-    """h = log πθ − log πref for chosen, rejected (and base) of each pair, from ONE forward.
+class PairLogratios(NamedTuple):
+    """h = log πθ − log πref per pair, and what the forward cost."""
 
-    The batch stacks B chosen rows, B rejected rows and (with_base) B base rows: [2B or 3B, T].
-    Returns h_chosen [B], h_rejected [B], h_base [B] or None, and the number of tokens forwarded.
+    chosen: torch.Tensor  # [B]
+    rejected: torch.Tensor  # [B]
+    base: torch.Tensor | None  # [B], when scored
+    tokens: int  # real tokens forwarded
+    positions: int  # positions forwarded, padding included
+
+
+def pair_logratios(
+    model: CausalLM,
+    pairs: list[EncodedPair],
+    pad_token_id: int,
+    with_base: bool,
+    *,
+    packed: bool = True,
+) -> PairLogratios:
+    """h for chosen, rejected (and base) of each pair, from ONE forward.
+
+    Packed (the default): one segment per pair, `[prompt | chosen | rejected | base]`. Padded:
+    B chosen rows, B rejected rows and (with_base) B base rows right-padded together, [2B or 3B, T],
+    each repeating the prompt (kept to compare layouts: bench.training).
     """
     kinds = 3 if with_base else 2
-    rows = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
-    if with_base:
-        rows += [(p.prompt, _require(p.base, "base")) for p in pairs]
+    responses = [[p.chosen, p.rejected] + ([_require(p.base, "base")] if with_base else [])
+                 for p in pairs]  # fmt: skip
     device = next(model.parameters()).device
-    batch = collate(rows, pad_token_id).to(device)
-    policy = sequence_logprobs(model, batch).view(kinds, len(pairs))  # [kinds, B]
+    if packed:
+        grid = pack([(p.prompt, r) for p, r in zip(pairs, responses, strict=True)], pad_token_id)
+        grid = grid.to(device)
+        policy = packed_logprobs(model, grid).view(kinds, len(pairs))
+        tokens, positions = grid.num_tokens, grid.num_positions
+    else:
+        rows = [
+            (p.prompt, r[k]) for k in range(kinds) for p, r in zip(pairs, responses, strict=True)
+        ]
+        batch = collate(rows, pad_token_id).to(device)
+        policy = sequence_logprobs(model, batch).view(kinds, len(pairs))  # [kinds, B]
+        tokens, positions = batch.num_tokens, int(batch.input_ids.numel())
     refs = torch.tensor([_require(p.ref_logps, "ref_logps") for p in pairs], device=device)
     h = policy - refs.T[:kinds]  # refs [B, 3] → [3, B]
-    return h[0], h[1], (h[2] if with_base else None), batch.num_tokens
+    return PairLogratios(h[0], h[1], h[2] if with_base else None, tokens, positions)
 
 
 def base_anchor(pairs: list[EncodedPair], h_base: torch.Tensor) -> BaseAnchor:

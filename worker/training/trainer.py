@@ -67,7 +67,8 @@ class TrainResult:
     num_train_pairs: int
     num_heldout_pairs: int
     steps: int
-    tokens_trained: int
+    tokens_trained: int  # real tokens forwarded in training (a pair's prompt once when packed)
+    positions_forwarded: int  # the same with padding: what the model computed
     train_time_s: float
     wall_time_s: float
     tokens_per_s: float
@@ -145,6 +146,7 @@ def train(
         num_heldout_pairs=len(run.heldout_idx),
         steps=len(history),
         tokens_trained=tokens,
+        positions_forwarded=sum(int(record["positions"]) for record in history),
         train_time_s=train_time,
         wall_time_s=time.perf_counter() - started,
         tokens_per_s=tokens / train_time if train_time > 0 else 0.0,
@@ -215,9 +217,9 @@ def _encode_with_anchors(
     for i, pair in enumerate(pairs):
         item = encode_pair(
             tokenizer, pair, config.max_prompt_tokens, config.max_response_tokens,
-            base_ids=anchors.base_responses[i].token_ids,
+            base_ids=anchors.base_ids(i),
         )  # fmt: skip
-        item.ref_logps = (anchors.ref_chosen[i], anchors.ref_rejected[i], anchors.ref_base[i])
+        item.ref_logps = anchors.ref_logps(i)
         encoded.append(item)
     return encoded
 
@@ -263,7 +265,12 @@ def wrap_lora(model: CausalLM, config: TrainConfig) -> CausalLM:
         use_dora=False,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    wrapped = get_peft_model(model, lora)
+    if config.gradient_checkpointing:  # activations recomputed in backward: memory for time
+        wrapped.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    return wrapped
 
 
 def lr_factor(step: int, total_steps: int, config: TrainConfig) -> float:
@@ -322,7 +329,7 @@ def _train_loop(
         consumed += len(micro)
         lr = optimizer.param_groups[0]["lr"]
         indices = [batch for _, batch in micro]
-        metrics, step_tokens = _accumulate(
+        metrics, step_tokens, step_positions = _accumulate(
             policy, train_set, indices, config, pad_token_id, check_reference=step == 1
         )
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -331,7 +338,8 @@ def _train_loop(
         optimizer.zero_grad(set_to_none=True)
         tokens += step_tokens
         record = {"step": step, "epoch": consumed / batches_per_epoch, "lr": lr,
-                  "grad_norm": float(grad_norm), "tokens": step_tokens, **metrics}  # fmt: skip
+                  "grad_norm": float(grad_norm), "tokens": step_tokens,
+                  "positions": step_positions, **metrics}  # fmt: skip
         history.append(record)
         if hooks.on_step:
             hooks.on_step(record)
@@ -346,15 +354,19 @@ def _accumulate(
     config: TrainConfig,
     pad_token_id: int,
     check_reference: bool = False,
-) -> tuple[dict[str, float], int]:
-    """Forward + backward each micro-batch, weighted by its share of the step's pairs."""
+) -> tuple[dict[str, float], int, int]:
+    """Forward + backward each micro-batch, weighted by its share of the step's pairs.
+
+    Returns the step's metrics, real tokens forwarded and positions forwarded (with padding)."""
     total_pairs = sum(len(indices) for indices in micro_batches)
     with_base = config.effective_anchor_weight > 0
     sums: dict[str, float] = {}
-    tokens = 0
+    tokens = positions = 0
     for indices in micro_batches:
         batch = [train_set[i] for i in indices]
-        h_w, h_l, h_b, n_tokens = pair_logratios(policy, batch, pad_token_id, with_base)
+        h_w, h_l, h_b, n_tokens, n_positions = pair_logratios(
+            policy, batch, pad_token_id, with_base, packed=config.packing
+        )
         if check_reference:
             check_fresh_reference(batch, h_w, h_l, h_b)
         result = bapo_loss(
@@ -367,7 +379,8 @@ def _accumulate(
         for name, value in result.metrics.items():
             sums[name] = sums.get(name, 0.0) + weight * float(value)
         tokens += n_tokens
-    return sums, tokens
+        positions += n_positions
+    return sums, tokens, positions
 
 
 def check_fresh_reference(

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from foundation.model import model_identity
-from foundation.pairs import Pair
+from foundation.pairs import Pair, prompt_hash
 from foundation.train_config import TrainConfig
 from tests.unit.training.helpers import make_pairs
 from worker.training.anchors import compute_anchors
 from worker.training.cache import MemoryCache
+from worker.training.data import encode_pair
 from worker.training.evaluate import MCQuestion
 from worker.training.trainer import TrainingCancelled, TrainResult, train
 
@@ -82,10 +83,38 @@ def test_reward_margin_increases(runs: Runs) -> None:
         assert result.metrics["train_reward_accuracy"] == 1.0
 
 
-def test_bapo_keeps_base_answers_more_likely_than_dpo(runs: Runs) -> None:
-    bapo, dpo = runs.results["bapo"].metrics, runs.results["dpo"].metrics
-    assert bapo["train_anchor_logratio"] > dpo["train_anchor_logratio"]
-    assert dpo["train_anchor_logratio"] < 0  # DPO drifts away from the base answers here
+def test_bapo_keeps_base_answers_more_likely_than_dpo(
+    runs: Runs, base_model: Any, tokenizer: Any, model_dir: Path
+) -> None:
+    """DPO's adapter is scored on the base answers BAPO anchored (DPO jobs prepare none)."""
+    from peft import PeftModel
+
+    from worker.training.evaluate import pair_metrics
+    from worker.training.trainer import split_heldout
+
+    assert "train_anchor_logratio" not in runs.results["dpo"].metrics
+    pairs = make_pairs()
+    anchors = compute_anchors(
+        base_model, tokenizer, pairs, TINY, model_identity(model_dir),
+        base_cache=runs.base_cache, ref_cache=runs.ref_cache,
+    )  # fmt: skip
+    assert anchors.stats.base_computed == 0  # the ones BAPO trained with
+    encoded = [
+        encode_pair(tokenizer, pair, TINY.max_prompt_tokens, TINY.max_response_tokens,
+                    base_ids=anchors.base_ids(i))
+        for i, pair in enumerate(pairs)
+    ]  # fmt: skip
+    for i, item in enumerate(encoded):
+        item.ref_logps = anchors.ref_logps(i)
+    train_idx, _ = split_heldout(len(pairs), TINY, [prompt_hash(p.messages) for p in pairs])
+    model = PeftModel.from_pretrained(base_model, str(runs.results["dpo"].adapter_dir)).eval()
+    try:
+        dpo = pair_metrics(model, [encoded[i] for i in train_idx], TINY, tokenizer.pad_token_id)
+    finally:
+        model.unload()
+    bapo = runs.results["bapo"].metrics
+    assert bapo["train_anchor_logratio"] > dpo["anchor_logratio"]
+    assert dpo["anchor_logratio"] < 0  # DPO drifts away from the base answers here
 
 
 def test_callbacks_and_counts(runs: Runs) -> None:
@@ -102,6 +131,8 @@ def test_callbacks_and_counts(runs: Runs) -> None:
     assert (bapo.num_pairs, bapo.num_train_pairs, bapo.num_heldout_pairs) == (6, 5, 1)
     assert 0.0 <= bapo.metrics["heldout_preference_accuracy"] <= 1.0
     assert bapo.tokens_trained == sum(s["tokens"] for s in runs.steps) and bapo.tokens_per_s > 0
+    assert bapo.positions_forwarded == sum(s["positions"] for s in runs.steps)
+    assert bapo.positions_forwarded >= bapo.tokens_trained  # padding, if any, on top
     assert "anchor_logratio" not in runs.results["dpo"].history[0]  # DPO skips base rows
 
 
@@ -114,9 +145,10 @@ def test_knowledge_retention_is_measured_when_asked(runs: Runs) -> None:
 
 def test_second_run_reuses_every_cached_value(runs: Runs) -> None:
     first, second = runs.results["bapo"].cache_stats, runs.results["dpo"].cache_stats
-    assert first.base_computed == 6 and first.ref_computed > 0
+    assert (first.base_computed, first.ref_computed) == (6, 18)
     assert (second.base_computed, second.ref_computed) == (0, 0)
-    assert (second.base_reused, second.ref_reused) == (6, first.ref_computed)
+    # DPO neither generates nor scores base answers: it reuses chosen and rejected only
+    assert (second.base_reused, second.ref_reused) == (0, 12)
 
 
 def test_one_more_pair_computes_only_that_pair(runs: Runs, model_dir: Path, tokenizer: Any) -> None:
