@@ -47,15 +47,21 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every hyperparameter of a training run; defaults suit a small LoRA on a few hundred pairs."""
+    """Every hyperparameter of a training run; defaults suit a small LoRA on a few hundred pairs.
+
+    The BAPO defaults (anchor form, λ, δ, learning rate, epochs, base-answer length) are the
+    setting `bench.forgetting` chose on validation users by its fixed rule
+    (bench/results/forgetting.json → selection.default: 32 steps of 4 pairs over 64 training
+    pairs = 2 epochs); tests/unit/test_forgetting_bench.py checks that they still agree.
+    """
 
     method: Method = "bapo"
     beta: float = 0.1
     anchor_weight: float = 1.0
-    anchor_form: AnchorForm = "hinge"
-    anchor_tolerance: float = 0.0  # δ in nats, for anchor_form "hinge_tolerance"
+    anchor_form: AnchorForm = "hinge_tolerance"
+    anchor_tolerance: float = 32.0  # δ in nats, for anchor_form "hinge_tolerance"
     learning_rate: float = 5e-4
-    epochs: int = 3
+    epochs: int = 2
     max_steps: int | None = None
     batch_size: int = 4
     grad_accum_steps: int = 1
@@ -72,7 +78,7 @@ class TrainConfig:
     max_response_tokens: int = 256
     heldout_fraction: float = 0.1
     min_pairs_for_heldout: int = 10
-    base_max_new_tokens: int = 128
+    base_max_new_tokens: int = 64
     base_do_sample: bool = False
     base_batch_size: int = 8
     score_batch_size: int = 8

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from bench.forgetting import datasets, measures, select
-from bench.forgetting.plan import Plan, Setting, bapo
+from bench.forgetting.plan import PLANS, Plan, Setting, bapo
 from bench.forgetting.users import SliceSizes, dimension_users
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -482,3 +482,23 @@ def test_two_workers_share_the_runs_and_record_each_once(model_path: Path, tmp_p
     # both took runs: the child claims the second DPO run while the parent trains the first
     # (a run takes seconds, a claim microseconds)
     assert len({r["worker_pid"] for r in result["runs"]}) == 2
+
+
+def test_the_engine_default_is_the_benchmarks_chosen_setting() -> None:
+    """TrainConfig's BAPO defaults are what the recorded run chose (issue: the default comes
+    from the frontier), at the same number of passes over the training pairs."""
+    from foundation.train_config import TrainConfig
+
+    recorded = json.loads((REPO_ROOT / "bench/results/forgetting.json").read_text())
+    chosen = recorded["selection"]["default"]["selected"]
+    default = TrainConfig()
+    assert default.method == chosen["method"] == "bapo"
+    assert default.anchor_form == chosen["anchor_form"]
+    assert default.anchor_weight == chosen["anchor_weight"]
+    assert default.anchor_tolerance == chosen["anchor_tolerance"]
+    assert default.learning_rate == chosen["learning_rate"]
+    plan = PLANS[recorded["mode"]]()
+    bench_config = plan.train_config(0, Setting("bapo", 1e-3, 1))
+    passes = chosen["steps"] * bench_config.batch_size / plan.sizes.train
+    assert default.epochs == passes
+    assert default.base_max_new_tokens == bench_config.base_max_new_tokens
