@@ -9,7 +9,8 @@ The adapter fails when any of these holds:
   handful of questions out of hundreds never fails an adapter that changes little else.
 * **Degenerate answers.** Its share of degenerate answers on the general prompts exceeds the base
   model's by more than GATE_MAX_DEGENERATE_INCREASE, whatever its MC score.
-* **Anchor drift.** Its mean base-anchor log-ratio is below GATE_MAX_ANCHOR_DRIFT.
+* **Anchor drift.** Its mean base-anchor log-ratio is below GATE_MAX_ANCHOR_DRIFT minus the drift
+  the job's anchor allows by design (δ of the `hinge_tolerance` form, 0 for the others).
 
 The base model's MC outcomes and judged answers are cached in the `base_responses` table (keys
 prefixed `gate-`, see worker.training.retention), so a job computes only the adapter's side.
@@ -26,6 +27,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings
+from foundation.train_config import TrainConfig
 from worker.caches import gate_baseline_cache
 from worker.training.retention import DegeneracyCheck, KnowledgeComparison
 
@@ -98,8 +100,22 @@ def retention_threshold(settings: Settings, stderr: float) -> float:
     return min(-settings.gate_retention_z * stderr, settings.gate_min_retention_delta)
 
 
-def gate_verdict(settings: Settings, measures: GateMeasures, anchor: float | None) -> GateVerdict:
-    """Pass when knowledge, degenerate answers and anchor drift are all within the settings."""
+def anchor_allowance(config: TrainConfig) -> float:
+    """Drift (nats) a job's anchor allows by design: δ for `hinge_tolerance`, else 0."""
+    return config.anchor_tolerance if config.anchor_form == "hinge_tolerance" else 0.0
+
+
+def gate_verdict(
+    settings: Settings,
+    measures: GateMeasures,
+    anchor: float | None,
+    anchor_allowance: float = 0.0,
+) -> GateVerdict:
+    """Pass when knowledge, degenerate answers and anchor drift are all within the settings.
+
+    `anchor_allowance` is the drift (nats) the job's anchor leaves free on purpose
+    (`anchor_allowance(config)`); only drift beyond it counts against GATE_MAX_ANCHOR_DRIFT.
+    """
     k, d = measures.knowledge, measures.degeneracy
     threshold = retention_threshold(settings, k.stderr)
     most_degenerate = d.base_fraction + settings.gate_max_degenerate_increase
@@ -117,10 +133,12 @@ def gate_verdict(settings: Settings, measures: GateMeasures, anchor: float | Non
             f"({d.adapter_fraction:.2f}), more than the base model's {d.base_fraction:.2f} + "
             f"{settings.gate_max_degenerate_increase:.2f} (GATE_MAX_DEGENERATE_INCREASE)"
         )
-    if anchor is not None and not anchor >= settings.gate_max_anchor_drift:
+    drift_floor = settings.gate_max_anchor_drift - anchor_allowance
+    if anchor is not None and not anchor >= drift_floor:
+        allowed = f" − the anchor's tolerance {anchor_allowance:g}" if anchor_allowance else ""
         reasons.append(
-            f"base-anchor log-ratio {anchor:.3f} nats is below "
-            f"{settings.gate_max_anchor_drift:.3f} (GATE_MAX_ANCHOR_DRIFT)"
+            f"base-anchor log-ratio {anchor:.3f} nats is below {drift_floor:.3f} = "
+            f"{settings.gate_max_anchor_drift:.3f} (GATE_MAX_ANCHOR_DRIFT){allowed}"
         )
     return GateVerdict(
         passed=not reasons,

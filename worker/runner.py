@@ -26,7 +26,7 @@ from foundation.model import prepare_base_model
 from foundation.pairs import Pair, prompt_hash
 from foundation.train_config import TrainConfig
 from worker.caches import base_response_cache, reference_logprob_cache
-from worker.gate import GateVerdict, gate_verdict, measure_retention
+from worker.gate import GateVerdict, anchor_allowance, gate_verdict, measure_retention
 from worker.jobs import JobStopped, RunningJob, finite, is_transient, session_factory
 from worker.servable import check_servable
 
@@ -101,7 +101,9 @@ def _train_gate_publish(job: RunningJob, staging: Path) -> int:
     check_servable(job.settings, staging)  # before the gate: a refused adapter fails at once
     job.on_phase("gate")
     measures = measure_retention(job.settings, job.factory, model_path, staging)
-    verdict = gate_verdict(job.settings, measures, anchor_logratio(result))
+    verdict = gate_verdict(
+        job.settings, measures, anchor_logratio(result), anchor_allowance(config)
+    )
     job.on_phase("publishing")
     return publish(job, staging, job_metrics(result, measures.to_json(), verdict), verdict)
 

@@ -111,3 +111,20 @@ def test_every_failed_check_is_named(tmp_path: Path) -> None:
         assert setting in verdict.reason
     fine = gate_verdict(settings, GateMeasures(_knowledge(lost=0), FLUENT), None)
     assert fine.passed is True  # no base responses measured: no anchor check
+
+
+def test_the_anchor_check_leaves_the_tolerance_forms_allowance_free(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from foundation.train_config import TrainConfig
+    from worker.gate import anchor_allowance
+
+    settings = make_settings(tmp_path, gate_max_anchor_drift=-5)
+    measures = GateMeasures(_knowledge(lost=0), FLUENT)
+    tolerant = TrainConfig(anchor_form="hinge_tolerance", anchor_tolerance=32.0)
+    assert anchor_allowance(tolerant) == 32.0
+    assert anchor_allowance(replace(tolerant, anchor_form="hinge")) == 0.0
+    assert gate_verdict(settings, measures, -20.0, anchor_allowance(tolerant)).passed is True
+    beyond = gate_verdict(settings, measures, -40.0, anchor_allowance(tolerant))
+    assert beyond.passed is False and beyond.reason and "tolerance 32" in beyond.reason
+    assert gate_verdict(settings, measures, -20.0).passed is False  # the summed hinge: no allowance
