@@ -502,3 +502,20 @@ def test_the_engine_default_is_the_benchmarks_chosen_setting() -> None:
     passes = chosen["steps"] * bench_config.batch_size / plan.sizes.train
     assert default.epochs == passes
     assert default.base_max_new_tokens == bench_config.base_max_new_tokens
+
+
+def test_compare_reports_each_measures_largest_difference_in_standard_errors() -> None:
+    from bench.forgetting.compare import compare
+
+    def run(key: str, movement: float) -> dict[str, Any]:
+        return {"key": key, "train_wall_s": 1.0, "train": {"history": [{"loss": 0.5}]},
+                "persona": {"movement": movement, "movement_stderr": 0.1}}  # fmt: skip
+
+    before = {"runs": [run("a", 0.2), run("b", 0.3), run("gone", 0.0)]}
+    after = {"runs": [run("a", 0.25), run("b", 0.1), run("new", 0.0)]}
+    result = compare(before, after)
+    assert set(result["runs"]) == {"a", "b"}
+    assert result["only_before"] == ["gone"] and result["only_after"] == ["new"]
+    assert result["worst"]["persona movement"]["max_abs_diff"] == pytest.approx(0.2)
+    assert result["worst"]["persona movement"]["max_diff_in_stderr"] == pytest.approx(2.0)
+    assert result["worst"]["final loss"] == {"max_abs_diff": 0.0, "max_diff_in_stderr": 0.0}
