@@ -32,7 +32,9 @@ from foundation.pairs import Pair
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(prog="python -m bench.training", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="one round of 8 pairs (≈4 min)")
+    parser.add_argument(
+        "--quick", action="store_true", help="one round of 8 pairs, 4 variants (≈5 min)"
+    )
     parser.add_argument("--plan", choices=sorted(PLANS), help="explicit plan (overrides --quick)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument(
@@ -140,6 +142,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "model_dir": str(model_dir), "pairs_source": pairs_text, "num_pairs": len(first),
             "extra_pairs": len(more) - len(first), "command": " ".join(sys.argv),
         },
+        "ratios": benchmark.ratios(summary, args.device),
         "summary": summary,
         "goals": goals_json(report.goals(summary, config, args.device)),
         "runs": runs,

@@ -1,8 +1,9 @@
 """The training benchmark's plan and run: interleaved rounds of child processes, then a summary.
 
 Each round runs every variant once (machines are noisy: ratios are taken within a round, then the
-median over rounds), in an ABBA order: each compared pair of variants runs back to back, and every
-other round reverses the order, so a slow drift of the machine's load favours no variant.
+median over rounds), in an ABBA order: each compared pair of variants runs back to back (our DPO
+packed / padded, our DPO / TRL, TRL / our BAPO, our BAPO packed / padded), and every other round
+reverses the order, so a slow drift of the machine's load favours no variant.
 
 Our variants keep their caches (base responses, reference log-probs) in a folder per variant: the
 first round starts empty (a first training), later rounds find them filled (a retrain of the same
@@ -29,8 +30,9 @@ from bench.training.variants import RunSpec
 from foundation.pairs import Pair
 
 Log = Callable[[str], None]
-GOAL_DPO_VS_TRL = 1.5
-GOAL_BAPO_VS_TRL = 1.0
+GOAL_DPO_VS_TRL = 2.0  # our DPO / TRL DPO (precomputed reference), pair tokens per CPU-second
+GOAL_BAPO_VS_TRL = 1.2  # our BAPO / TRL DPO, the same
+GOAL_PEAK_MEMORY_VS_TRL = 1.0  # our BAPO's peak memory / TRL DPO's, at most
 PREPARE_PHASES = ("base_responses", "reference_logprobs")
 
 
@@ -58,16 +60,26 @@ class Plan:
 # Shared hyperparameters: the engine's defaults, except dropout 0 (TRL disables dropout) and no
 # held-out slice (every variant trains on every pair); one epoch per run.
 COMMON_CONFIG: dict[str, Any] = {"epochs": 1, "lora_dropout": 0.0, "heldout_fraction": 0.0}
+# Compared pairs run back to back (round_variants): packed/padded, ours/TRL, TRL/ours, packed/padded
+ALL_VARIANTS = ("ours_dpo", "ours_dpo_padded", "trl_dpo", "ours_bapo", "ours_bapo_padded")
 PLANS: dict[str, Plan] = {
-    "full": Plan("full", num_pairs=8, rounds=2, live_ref_rounds=2, config=COMMON_CONFIG),
-    "quick": Plan("quick", num_pairs=8, rounds=1, config=COMMON_CONFIG),
+    # ≈ 3 × (4 of ours × 35–70 s + TRL 35 s) + the live-reference run + the retrain: ≲ 20 min on
+    # the 2-core dev box with one thread
+    "full": Plan(
+        "full", num_pairs=8, rounds=3, variants=ALL_VARIANTS, live_ref_rounds=1,
+        config=COMMON_CONFIG,
+    ),
+    "quick": Plan(
+        "quick", num_pairs=8, rounds=1,
+        variants=("ours_dpo", "trl_dpo", "ours_bapo", "ours_bapo_padded"), config=COMMON_CONFIG,
+    ),
     "smoke": Plan(
-        "smoke", num_pairs=4, rounds=1, retrain_fraction=0.25,
+        "smoke", num_pairs=4, rounds=1, variants=ALL_VARIANTS, retrain_fraction=0.25,
         config={**COMMON_CONFIG, "batch_size": 2, "base_max_new_tokens": 4},
         word_pairs=(6, 8), child_timeout_s=300,
     ),
     "gpu": Plan(
-        "gpu", num_pairs=128, rounds=3, live_ref_rounds=3,
+        "gpu", num_pairs=128, rounds=3, variants=ALL_VARIANTS, live_ref_rounds=3,
         config={**COMMON_CONFIG, "batch_size": 16, "base_batch_size": 32, "score_batch_size": 32},
         word_pairs=(128, 256), child_timeout_s=1200,
     ),
@@ -186,6 +198,9 @@ def variant_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     later = [r for r in runs if r["round"] > 1]
     return {
         "runs": len(runs),
+        "forwarded_positions": runs[0]["forwarded_positions"],
+        "positions_per_pair": med("positions_per_pair"),
+        "padding_fraction": med("padding_fraction"),
         "pair_tokens_per_s": med("pair_tokens_per_s"),
         "pair_tokens_per_cpu_s": med("pair_tokens_per_cpu_s"),
         "forwarded_tokens_per_s": med("forwarded_tokens_per_s"),
@@ -216,7 +231,7 @@ def prepare_seconds(run: dict[str, Any]) -> float:
 def round_ratios(
     runs: list[dict[str, Any]], numerator: str, denominator: str, key: str
 ) -> list[float]:
-    """Per round: numerator's `key` / denominator's `key` (rounds having both)."""
+    """Per round: numerator's `key` / denominator's `key` (rounds having both, with values)."""
     by_round: dict[int, dict[str, dict[str, Any]]] = {}
     for run in runs:
         by_round.setdefault(run["round"], {})[run["variant"]] = run
@@ -224,29 +239,71 @@ def round_ratios(
         ratio(float(pair[numerator][key]), float(pair[denominator][key]))
         for pair in by_round.values()
         if numerator in pair and denominator in pair
-    ]
+        and pair[numerator].get(key) is not None and pair[denominator].get(key) is not None
+    ]  # fmt: skip
+
+
+# (ours, what it is compared with): against TRL, and packed against our own padded layout
+COMPARED = (
+    *((ours, trl) for ours in ("ours_dpo", "ours_bapo") for trl in ("trl_dpo", "trl_dpo_live_ref")),
+    ("ours_bapo", "ours_bapo_padded"),
+    ("ours_dpo", "ours_dpo_padded"),
+)
 
 
 def comparisons(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Throughput ratios against TRL per round and their median; end-to-end speed-ups of the
-    first round (our caches empty) and of later rounds (our caches filled)."""
+    """Per compared pair of variants (COMPARED, when both ran): throughput ratios per round and
+    their median; end-to-end speed-ups of the first round (our caches empty) and of later rounds
+    (our caches filled); peak memory ratios (ours / the other) per round and their median."""
     out: dict[str, dict[str, Any]] = {}
-    for ours in ("ours_dpo", "ours_bapo"):
-        for trl in ("trl_dpo", "trl_dpo_live_ref"):
-            speed = round_ratios(runs, ours, trl, "pair_tokens_per_s")
-            if not speed:
-                continue
-            cpu_speed = round_ratios(runs, ours, trl, "pair_tokens_per_cpu_s")
-            wall = round_ratios(runs, trl, ours, "wall_s")
-            out[f"{ours}_vs_{trl}"] = {
-                "throughput_ratio": median(speed),
-                "throughput_ratio_per_round": speed,
-                "cpu_throughput_ratio": median(cpu_speed),
-                "cpu_throughput_ratio_per_round": cpu_speed,
-                "wall_speedup_first": wall[0],
-                "wall_speedup_later": median(wall[1:]),
-            }
+    for ours, other in COMPARED:
+        speed = round_ratios(runs, ours, other, "pair_tokens_per_s")
+        if not speed:
+            continue
+        cpu_speed = round_ratios(runs, ours, other, "pair_tokens_per_cpu_s")
+        wall = round_ratios(runs, other, ours, "wall_s")
+        rss = round_ratios(runs, ours, other, "peak_rss_mib")
+        cuda = round_ratios(runs, ours, other, "cuda_peak_mib")
+        out[f"{ours}_vs_{other}"] = {
+            "throughput_ratio": median(speed),
+            "throughput_ratio_per_round": speed,
+            "cpu_throughput_ratio": median(cpu_speed),
+            "cpu_throughput_ratio_per_round": cpu_speed,
+            "wall_speedup_first": wall[0],
+            "wall_speedup_later": median(wall[1:]),
+            "peak_rss_ratio": median(rss),
+            "peak_rss_ratio_per_round": rss,
+            "cuda_peak_ratio": median(cuda),
+        }
     return out
+
+
+def ratios(summary: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
+    """The headline ratios (the results' top-level "ratios"), medians over rounds of ratios taken
+    within a round. On the CPU: throughput by the training loop's CPU time, memory by the child's
+    peak RSS; on CUDA: throughput by the wall clock, memory by the peak CUDA allocation."""
+    comps, variants = summary["comparisons"], summary["variants"]
+    speed = "cpu_throughput_ratio" if device == "cpu" else "throughput_ratio"
+    memory = "peak_rss_ratio" if device == "cpu" else "cuda_peak_ratio"
+
+    def get(name: str, key: str) -> float:
+        value = comps.get(name, {}).get(key)
+        return math.nan if value is None else float(value)
+
+    return {
+        "bapo_vs_trl_dpo": get("ours_bapo_vs_trl_dpo", speed),
+        "dpo_vs_trl_dpo": get("ours_dpo_vs_trl_dpo", speed),
+        "bapo_vs_trl_dpo_live_ref": get("ours_bapo_vs_trl_dpo_live_ref", speed),
+        "dpo_vs_trl_dpo_live_ref": get("ours_dpo_vs_trl_dpo_live_ref", speed),
+        "peak_memory_vs_trl_dpo": get("ours_bapo_vs_trl_dpo", memory),
+        "peak_memory_dpo_vs_trl_dpo": get("ours_dpo_vs_trl_dpo", memory),
+        "padding_fraction": {name: v["padding_fraction"] for name, v in variants.items()},
+        "positions_per_pair": {name: v["positions_per_pair"] for name, v in variants.items()},
+        "packed_vs_padded": {
+            "bapo": get("ours_bapo_vs_ours_bapo_padded", speed),
+            "dpo": get("ours_dpo_vs_ours_dpo_padded", speed),
+        },
+    }
 
 
 def incremental_summary(first: dict[str, Any], retrain: dict[str, Any]) -> dict[str, Any]:
@@ -284,7 +341,9 @@ def summarize(runs: list[dict[str, Any]], retrain: dict[str, Any] | None) -> dic
     return summary
 
 
-PLAN_ORDER = ("ours_dpo", "ours_bapo", "trl_dpo", "trl_dpo_live_ref")
+PLAN_ORDER = (
+    "ours_dpo", "ours_dpo_padded", "ours_bapo", "ours_bapo_padded", "trl_dpo", "trl_dpo_live_ref",
+)  # fmt: skip
 
 
 def check_same_tokens(runs: list[dict[str, Any]]) -> None:

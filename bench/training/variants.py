@@ -1,8 +1,12 @@
 """One training run of one variant, measured (runs inside a child process: bench.training.child).
 
 Variants, all on the same model, LoRA config, pairs, batch size and truncation limits:
-  ours_dpo          worker.training.trainer.train with method="dpo"
-  ours_bapo         the same with method="bapo" (scores a third, base-response sequence per pair)
+  ours_dpo          worker.training.trainer.train with method="dpo" (packed: one segment per pair,
+                    [prompt | chosen | rejected], the prompt forwarded once)
+  ours_bapo         the same with method="bapo" (a third, base-response sequence per pair:
+                    [prompt | chosen | rejected | base])
+  ours_*_padded     the same with packing=False: one right-padded row per sequence (2B or 3B rows,
+                    each repeating the prompt), the engine's old layout
   trl_dpo           TRL's DPOTrainer, PEFT LoRA (reference = adapter disabled),
                     precompute_ref_log_probs=True: the analog of our cached reference log-probs
   trl_dpo_live_ref  the same with TRL's default for PEFT: a reference forward every step
@@ -13,6 +17,11 @@ template, truncation limits), summed over the pairs of an epoch, times the epoch
 training loop's seconds (optimizer steps only: loading, tokenising, reference log-probs, base
 responses, evaluation and saving excluded; those are in `wall_s` and `phases_s`). BAPO's base
 sequences are extra work of that method and are not counted as throughput.
+
+What the model computed is counted apart: `forwarded_tokens` (real tokens in the training forwards,
+a packed pair's prompt once) and `forwarded_positions` (the same with padding); their ratio gives
+the padding fraction. Ours: the engine's own counts (TrainResult.tokens_trained and
+positions_forwarded); TRL: a forward pre-hook on the policy (see ForwardCounter).
 
 The loop is timed twice: wall clock, and this process's CPU time (`time.process_time`). With one
 torch thread, the CPU time is what the loop would take on an idle core; on a shared machine the
@@ -33,7 +42,14 @@ from foundation.train_config import TrainConfig
 from worker.training.cache import JsonFileCache, KeyValueCache, MemoryCache
 from worker.training.data import encode_pair
 
-OURS = {"ours_dpo": "dpo", "ours_bapo": "bapo", "ours_bapo_retrain": "bapo"}
+OURS = {  # variant → method
+    "ours_dpo": "dpo",
+    "ours_dpo_padded": "dpo",
+    "ours_bapo": "bapo",
+    "ours_bapo_padded": "bapo",
+    "ours_bapo_retrain": "bapo",
+}
+PADDED = frozenset({"ours_dpo_padded", "ours_bapo_padded"})  # run with packing=False
 TRL = {"trl_dpo": True, "trl_dpo_live_ref": False}  # variant → precompute_ref_log_probs
 VARIANTS = (*OURS, *TRL)
 
@@ -64,7 +80,8 @@ class RunResult:
     steps: int
     epoch_pair_tokens: int
     pair_tokens: int
-    forwarded_tokens: int
+    forwarded_tokens: int  # real tokens in the training forwards
+    forwarded_positions: int  # the same with padding: what the model computed
     train_loop_s: float
     train_loop_cpu_s: float
     wall_s: float
@@ -92,7 +109,15 @@ class RunResult:
             self.forwarded_tokens / self.train_loop_s if self.train_loop_s > 0 else math.nan
         )
         data["train_loop_s_per_epoch"] = self.train_loop_s / self.epochs
+        data["padding_fraction"] = padding_fraction(self.forwarded_tokens, self.forwarded_positions)
+        trained = self.num_pairs * self.epochs
+        data["positions_per_pair"] = self.forwarded_positions / trained if trained else math.nan
         return data
+
+
+def padding_fraction(tokens: int, positions: int) -> float:
+    """Share of the forwarded positions that were padding: 1 − tokens / positions."""
+    return 1.0 - tokens / positions if positions > 0 else math.nan
 
 
 def epoch_pair_tokens(tokenizer: Any, pairs: list[Pair], config: TrainConfig) -> int:
@@ -105,12 +130,12 @@ def epoch_pair_tokens(tokenizer: Any, pairs: list[Pair], config: TrainConfig) ->
 
 
 def mean_tokens(
-    tokenizer: Any, pairs: list[Pair], config: TrainConfig, base: list[str] | None = None
+    tokenizer: Any, pairs: list[Pair], config: TrainConfig, base: list[list[int]] | None = None
 ) -> dict[str, float]:
     """Mean encoded length of the prompts, chosen, rejected (and base) responses."""
     items = [
         encode_pair(tokenizer, pair, config.max_prompt_tokens, config.max_response_tokens,
-                    base_response=base[i] if base else None)
+                    base_ids=base[i] if base else None)
         for i, pair in enumerate(pairs)
     ]  # fmt: skip
     means = {
@@ -123,17 +148,23 @@ def mean_tokens(
     return means
 
 
-def base_texts(
+def base_ids(
     cache: KeyValueCache, model_dir: Path, pairs: list[Pair], config: TrainConfig
-) -> list[str]:
-    """The base responses the run used, read back from its cache (the engine's keys)."""
+) -> list[list[int]] | None:
+    """The base answers' token ids the run trained on, read back from its cache (the engine's
+    keys; values are Generation JSON). None when the run generated none (DPO)."""
     from foundation.model import model_identity
+    from worker.training.anchors import Generation
     from worker.training.cache import base_response_key
 
+    if config.effective_anchor_weight <= 0:
+        return None
     identity = model_identity(model_dir)
     keys = [base_response_key(identity, pair.messages, config) for pair in pairs]
     found = cache.get_many(keys)
-    return [str(found.get(key, "")) for key in keys]
+    if not all(key in found for key in keys):
+        return None
+    return [Generation.from_json(found[key]).token_ids for key in keys]
 
 
 def run(spec: RunSpec) -> RunResult:
@@ -166,7 +197,8 @@ def _run_ours(spec: RunSpec) -> RunResult:
     from worker.training.trainer import train
 
     pairs = [pair_from_dict(p) for p in spec.pairs]
-    config = TrainConfig.parse({**spec.config, "method": OURS[spec.variant]})
+    layout = {"packing": False} if spec.variant in PADDED else {}
+    config = TrainConfig.parse({**spec.config, "method": OURS[spec.variant], **layout})
     tokenizer = load_tokenizer(Path(spec.model_dir))
     tokens_per_epoch = epoch_pair_tokens(tokenizer, pairs, config)
     marks: list[tuple[str, float]] = []
@@ -196,6 +228,7 @@ def _run_ours(spec: RunSpec) -> RunResult:
         epoch_pair_tokens=tokens_per_epoch,
         pair_tokens=tokens_per_epoch * config.epochs,
         forwarded_tokens=result.tokens_trained,
+        forwarded_positions=result.positions_forwarded,
         train_loop_s=result.train_time_s,
         train_loop_cpu_s=cpu_marks["evaluating"] - cpu_marks["training"],
         wall_s=ended - started,
@@ -206,7 +239,7 @@ def _run_ours(spec: RunSpec) -> RunResult:
         threads=torch.get_num_threads(),
         cache_stats=asdict(result.cache_stats),
         mean_tokens=mean_tokens(
-            tokenizer, pairs, config, base_texts(base_cache, Path(spec.model_dir), pairs, config)
+            tokenizer, pairs, config, base_ids(base_cache, Path(spec.model_dir), pairs, config)
         ),
     )
 
@@ -272,6 +305,36 @@ def trl_args(spec: RunSpec, config: TrainConfig) -> Any:
     )
 
 
+class ForwardCounter:
+    """A forward pre-hook (with kwargs) on TRL's policy that counts what it forwards in training.
+
+    TRL 1.16's DPOTrainer._compute_loss calls `model(**model_kwargs, labels=..., ...)`: keyword
+    arguments only, one call per micro-batch, `input_ids` [2B, T] = the B prompt+chosen rows then
+    the B prompt+rejected rows (DataCollatorForPreference), right-padded to the longest of the 2B,
+    `attention_mask` [2B, T] 1 on real tokens. Counted: forwards with gradients enabled and the
+    module in training mode (the policy's loss forwards). Not counted: the reference forwards
+    (precomputed in DPOTrainer's constructor, before the hook exists; or, live, every step under
+    torch.no_grad) and any evaluation forward. positions = input_ids.numel() (padding included),
+    tokens = attention_mask.sum() (the numel without a 2-D mask).
+    """
+
+    def __init__(self) -> None:
+        self.calls = self.tokens = self.positions = 0
+
+    def __call__(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        import torch
+
+        if not (torch.is_grad_enabled() and module.training):
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            return
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        self.calls += 1
+        self.positions += int(ids.numel())
+        self.tokens += int(mask.sum()) if mask is not None and mask.dim() == 2 else int(ids.numel())
+
+
 def _run_trl(spec: RunSpec) -> RunResult:
     """TRL's DPOTrainer with a PEFT LoRA config, timed: init (tokenise, precompute), loop, save."""
     import torch
@@ -313,8 +376,15 @@ def _run_trl(spec: RunSpec) -> RunResult:
         processing_class=tokenizer, peft_config=lora, callbacks=[timer],
     )  # fmt: skip
     prepared = time.perf_counter()
+    counter = ForwardCounter()
+    policy = trainer.model
+    assert policy is not None
+    hook = policy.register_forward_pre_hook(counter, with_kwargs=True)
     trainer.train()
     trained = time.perf_counter()
+    hook.remove()
+    if counter.calls == 0:
+        raise RuntimeError("the forward hook saw no training forward: has TRL's call changed?")
     trainer.save_model(str(Path(spec.out_dir) / "adapter"))
     ended = time.perf_counter()
     return RunResult(
@@ -325,7 +395,8 @@ def _run_trl(spec: RunSpec) -> RunResult:
         steps=int(trainer.state.global_step),
         epoch_pair_tokens=tokens_per_epoch,
         pair_tokens=tokens_per_epoch * config.epochs,
-        forwarded_tokens=int(getattr(trainer, "_total_train_tokens", 0)),
+        forwarded_tokens=counter.tokens,
+        forwarded_positions=counter.positions,
         train_loop_s=timer.end - timer.begin,
         train_loop_cpu_s=timer.cpu_end - timer.cpu_begin,
         wall_s=ended - started,

@@ -2,7 +2,7 @@
 cannot rot silently. Speed itself is measured by the benchmarks, never asserted here.
 
 * training: the real command at toy size (a tiny random-initialised Llama on the CPU, every
-  variant in its own process, TRL included, plus the incremental retrain);
+  variant in its own process — ours packed and padded, TRL — plus the incremental retrain);
 * api_load: wrk's output parsing and the row accounting (pure), then the real harness for two
   seconds per endpoint (wrk, `python -m app`, a fresh Postgres database);
 * serving: the summary arithmetic on made-up cells (the real run needs vLLM for minutes).
@@ -31,21 +31,41 @@ def test_training_benchmark_runs_every_variant_and_the_retrain(tmp_path: Path) -
 
     payload = json.loads(out.read_text())
     assert out.with_suffix(".md").read_text().startswith("# Training throughput")
-    assert set(payload["summary"]["variants"]) == {"ours_dpo", "ours_bapo", "trl_dpo"}
+    variants = {"ours_dpo", "ours_dpo_padded", "ours_bapo", "ours_bapo_padded", "trl_dpo"}
+    assert set(payload["summary"]["variants"]) == variants
     runs = payload["runs"]
     assert {r["epoch_pair_tokens"] for r in runs} == {runs[0]["epoch_pair_tokens"]} != {0}
     assert all(r["pair_tokens_per_s"] > 0 and r["steps"] == 2 for r in runs)
-    bapo = next(r for r in runs if r["variant"] == "ours_bapo")
-    dpo = next(r for r in runs if r["variant"] == "ours_dpo")
-    assert bapo["forwarded_tokens"] > dpo["forwarded_tokens"] == dpo["pair_tokens"]
-    ratio = payload["summary"]["comparisons"]["ours_dpo_vs_trl_dpo"]["throughput_ratio"]
-    assert math.isfinite(ratio) and ratio > 0
+    run = {r["variant"]: r for r in runs}
+    # Padded rows repeat the prompt per sequence; packed segments forward it once.
+    assert run["ours_dpo_padded"]["forwarded_tokens"] == run["ours_dpo"]["pair_tokens"]
+    assert run["ours_dpo"]["forwarded_tokens"] < run["ours_dpo_padded"]["forwarded_tokens"]
+    assert run["ours_bapo"]["forwarded_tokens"] > run["ours_dpo"]["forwarded_tokens"]
+    assert run["ours_bapo_padded"]["forwarded_tokens"] > run["ours_bapo"]["forwarded_tokens"]
+    # TRL's forward hook counts prompt+chosen and prompt+rejected rows: the pair tokens.
+    assert run["trl_dpo"]["forwarded_tokens"] == run["trl_dpo"]["pair_tokens"]
+    for r in runs:
+        assert r["forwarded_positions"] >= r["forwarded_tokens"] > 0
+        assert 0 <= r["padding_fraction"] < 1
+        assert r["positions_per_pair"] == r["forwarded_positions"] / (r["num_pairs"] * r["epochs"])
+    dpo_vs_trl = payload["summary"]["comparisons"]["ours_dpo_vs_trl_dpo"]
+    assert math.isfinite(dpo_vs_trl["throughput_ratio"]) and dpo_vs_trl["throughput_ratio"] > 0
+    ratios = payload["ratios"]
+    for key in ("bapo_vs_trl_dpo", "dpo_vs_trl_dpo", "peak_memory_vs_trl_dpo",
+                "peak_memory_dpo_vs_trl_dpo"):  # fmt: skip
+        assert isinstance(ratios[key], float) and ratios[key] > 0, key
+    assert set(ratios["padding_fraction"]) == variants
+    assert all(isinstance(v, float) for v in ratios["padding_fraction"].values())
+    assert set(ratios["packed_vs_padded"]) == {"bapo", "dpo"}
+    assert all(isinstance(v, float) and v > 0 for v in ratios["packed_vs_padded"].values())
+    assert ratios["dpo_vs_trl_dpo"] == dpo_vs_trl["cpu_throughput_ratio"]
     # The retrain computes only the new pair's base response and reference log-probs.
     stats = payload["summary"]["incremental"]["cache_stats_retrain"]
     assert stats == {"base_computed": 1, "base_reused": 4, "ref_computed": 3, "ref_reused": 12}
-    assert [g["name"] for g in payload["goals"]][:2] == [
+    assert [g["name"] for g in payload["goals"]][:3] == [
         "our DPO / TRL DPO, pair tokens per CPU-second",
         "our BAPO / TRL DPO, pair tokens per CPU-second",
+        "our BAPO / TRL DPO, peak RSS",
     ]
     assert all(r["train_loop_cpu_s"] > 0 for r in runs)
     assert payload["machine"]["cpu_model"] and payload["machine"]["versions"]["trl"]
