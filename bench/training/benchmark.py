@@ -63,8 +63,8 @@ COMMON_CONFIG: dict[str, Any] = {"epochs": 1, "lora_dropout": 0.0, "heldout_frac
 # Compared pairs run back to back (round_variants): packed/padded, ours/TRL, TRL/ours, packed/padded
 ALL_VARIANTS = ("ours_dpo", "ours_dpo_padded", "trl_dpo", "ours_bapo", "ours_bapo_padded")
 PLANS: dict[str, Plan] = {
-    # ≈ 3 × (4 of ours × 35–70 s + TRL 35 s) + the live-reference run + the retrain: ≲ 20 min on
-    # the 2-core dev box with one thread
+    # 3 rounds × (4 of ours × 15–40 s + TRL 35 s) + the live-reference run + the retrain: about
+    # 10 min on the 2-core dev box with one thread (2026-12-01: 597 s)
     "full": Plan(
         "full", num_pairs=8, rounds=3, variants=ALL_VARIANTS, live_ref_rounds=1,
         config=COMMON_CONFIG,
