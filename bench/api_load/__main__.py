@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         "plan": asdict(plan),
         "command": " ".join(sys.argv),
         **measured,
+        "ratios": measured["summary"]["ratios"],  # top level, like the other benchmarks' results
         "goals": goals_json(goals(measured["summary"])),
     }
     json_path, md_path = write_results(args.out, payload, markdown(payload))
