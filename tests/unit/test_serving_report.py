@@ -105,9 +105,9 @@ def test_markdown_has_every_part_and_the_cpu_note() -> None:
         assert heading in text
     assert "**3.00×**" in text and "**0.95**" in text
     assert "loaded 16 adapters by name on vllm-1 before the hot swaps, with 0" in text
-    assert any("not capacity" in n and "[0]: the same core" in n for n in payload["notes"])
+    assert any("not the capacity" in n and "[0]: the same core" in n for n in payload["notes"])
     assert not any(
-        "not capacity" in n for n in _payload(_measured(), gpu={"name": "H200"})["notes"]
+        "not the capacity" in n for n in _payload(_measured(), gpu={"name": "H200"})["notes"]
     )
 
 
