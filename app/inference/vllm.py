@@ -23,6 +23,7 @@ import itertools
 import json
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
@@ -57,11 +58,16 @@ class VllmReplica:
             headers=headers,
             timeout=httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s)),
         )
-        self.locks: dict[str, asyncio.Lock] = {}
+        # Weak values: a lock lives while a load holds or awaits it, so names never served again
+        # (every retrain makes a new one) do not pile up in a long-running process.
+        self.locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     def lock(self, name: str) -> asyncio.Lock:
         """Serialises this process's loads of one adapter on this server."""
-        return self.locks.setdefault(name, asyncio.Lock())
+        lock = self.locks.get(name)
+        if lock is None:
+            lock = self.locks[name] = asyncio.Lock()
+        return lock
 
 
 class VllmBackend:

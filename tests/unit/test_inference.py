@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from pydantic import ValidationError
 from app.core.errors import InvalidRequest, NotFound
 from app.inference.local import StopTrimmer, first_stop
 from app.inference.tokens import PromptTokenCounter, estimate_tokens
+from app.inference.vllm import VllmReplica
 from app.schemas.generate import ChatCompletionIn, GenerateIn
 from app.services.adapters import name_pattern, parse_selector
 from app.services.generate import parse_model_id
@@ -188,3 +190,21 @@ def test_counter_estimates_until_the_tokenizer_appears(model_folder: Path, tmp_p
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(model_folder / name, tmp_path / name)
     assert counter.exact and counter.count(CONVERSATIONS[0]) == 37
+
+
+async def test_adapter_load_locks_are_shared_while_held_and_then_forgotten() -> None:
+    """Concurrent loads of one name on one server wait on one lock; once no load holds it, the
+    replica keeps nothing for that name (a long-running API serves ever new version names)."""
+    replica = VllmReplica("http://127.0.0.1:9", {}, 1.0)
+    order: list[str] = []
+
+    async def load(tag: str) -> None:
+        async with replica.lock("user:a:v1"):
+            order.append(f"{tag} in")
+            await asyncio.sleep(0.01)
+            order.append(f"{tag} out")
+
+    await asyncio.gather(load("first"), load("second"))
+    assert order == ["first in", "first out", "second in", "second out"]
+    assert len(replica.locks) == 0
+    await replica.http.aclose()
