@@ -9,6 +9,7 @@ and jobs, events and the published version into OpenAI's objects. Nothing here c
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Literal, cast
 
 from sqlalchemy.orm import Session
@@ -228,11 +229,48 @@ def owned_job(session: Session, principal: Principal, job_id: str) -> TrainingJo
 
 
 def list_jobs(
-    session: Session, principal: Principal, limit: int, after: str | None
+    session: Session,
+    principal: Principal,
+    limit: int,
+    after: str | None,
+    metadata: dict[str, str] | None = None,
 ) -> RowPage[TrainingJob]:
-    """The caller's jobs (the operator: everyone's), newest first, after the job id `after`."""
+    """The caller's jobs (the operator: everyone's), newest first, after the job id `after`,
+    those whose metadata holds every pair of `metadata` ({}: those without metadata)."""
     user_id = None if principal.is_operator else principal.user_id
-    return job_service.list_jobs(session, user_id, limit, after)
+    return job_service.list_jobs(session, user_id, limit, after, metadata)
+
+
+METADATA_PARAM = re.compile(r"^metadata\[(.+)\]$")
+
+
+def metadata_filter(params: list[tuple[str, str]]) -> dict[str, str] | None:
+    """OpenAI's list filter as {k: v}: `metadata[k]=v` pairs (each must match), or `metadata=null`
+    as {} (jobs without metadata); None: no filter. The limits of a job's metadata (16 pairs,
+    keys of 64 characters, values of 512); a key given twice, or both forms, is a 400."""
+    wanted: dict[str, str] = {}
+    only_null = False
+    for name, value in params:
+        match = METADATA_PARAM.match(name)
+        if match is None:
+            if name == "metadata" and value != "null":
+                raise _bad_metadata("metadata: metadata=null, or metadata[key]=value pairs")
+            only_null = only_null or name == "metadata"
+            continue
+        key = match.group(1)
+        if key in wanted or len(key) > 64 or len(value) > 512:
+            raise _bad_metadata(
+                f"metadata[{key[:64]}]: one value per key, keys of at most 64 characters and "
+                "values of at most 512"
+            )
+        wanted[key] = value
+    if len(wanted) > 16 or (only_null and wanted):
+        raise _bad_metadata("metadata: at most 16 pairs, and not together with metadata=null")
+    return {} if only_null else wanted or None
+
+
+def _bad_metadata(message: str) -> BadRequest:
+    return BadRequest(message, "invalid_metadata", param="metadata")
 
 
 def cancel_job(session: Session, principal: Principal, job_id: str) -> TrainingJob:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from sqlalchemy import func, select, tuple_, update
+from sqlalchemy import Text, cast, func, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -180,12 +180,22 @@ def get_job(session: Session, user_id: str, job_id: str) -> TrainingJob:
 
 
 def list_jobs(
-    session: Session, user_id: str | None, limit: int, cursor: str | None
+    session: Session,
+    user_id: str | None,
+    limit: int,
+    cursor: str | None,
+    metadata: dict[str, str] | None = None,
 ) -> RowPage[TrainingJob]:
-    """A page of the user's jobs (everyone's for None), newest first; cursor: the last job id."""
+    """A page of the user's jobs (everyone's for None), newest first; cursor: the last job id.
+    `metadata`: only jobs whose metadata has each of these string values ({}: jobs without)."""
     query = select(TrainingJob)
     if user_id is not None:
         query = query.where(TrainingJob.user_id == user_id)
+    if metadata == {}:  # stored as SQL NULL, or as JSON null / {} (the JSON type's None)
+        text_form = cast(TrainingJob.meta, Text)
+        query = query.where(or_(TrainingJob.meta.is_(None), text_form.in_(["null", "{}"])))
+    for key, value in (metadata or {}).items():
+        query = query.where(TrainingJob.meta[key].as_string() == value)
     if cursor is not None:
         after = session.get(TrainingJob, cursor)
         if after is None or (user_id is not None and after.user_id != user_id):

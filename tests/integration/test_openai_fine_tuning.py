@@ -98,6 +98,33 @@ def test_create_retrieve_list_cancel(api: Api) -> None:
     assert stored_jobs(api, user_id, headers)[0]["status"] == "cancelled"
 
 
+def test_list_filters_by_metadata_as_openai_documents(api: Api) -> None:
+    user_id, headers = api.create_user()
+    post_pairs(api.http, user_id, headers)
+    client = caller(api, headers).client()
+    tagged = {}
+    for meta in ({"team": "search", "run": "a"}, {"team": "search", "run": "b"}, {"team": "ads"}):
+        tagged[meta.get("run", "ads")] = create(client, user_id, metadata=meta).id
+        client.fine_tuning.jobs.cancel(tagged[meta.get("run", "ads")])
+    plain = create(client, user_id).id
+    client.fine_tuning.jobs.cancel(plain)
+
+    def listed(**query: Any) -> list[str]:
+        return [j.id for j in client.fine_tuning.jobs.list(**query)]
+
+    assert listed(metadata={"team": "search"}) == [tagged["b"], tagged["a"]]
+    assert listed(metadata={"team": "search", "run": "a"}) == [tagged["a"]]
+    assert listed(metadata={"team": "nobody"}) == []
+    assert listed(metadata={}) == [plain, tagged["ads"], tagged["b"], tagged["a"]]
+    page = client.fine_tuning.jobs.list(metadata={"team": "search"}, limit=1)
+    assert [j.id for j in page.data] == [tagged["b"]] and page.has_more is True
+    assert listed(extra_query={"metadata": "null"}) == [plain]  # jobs without metadata
+    for query in ({"metadata": "x"}, {"metadata": "null", "metadata[team]": "ads"}):
+        response = api.http.get("/v1/fine_tuning/jobs", params=query, headers=headers)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == "metadata"
+
+
 def test_list_pages_with_after_newest_first(api: Api) -> None:
     user_id, headers = api.create_user()
     post_pairs(api.http, user_id, headers)

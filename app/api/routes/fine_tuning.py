@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Path, Query
+from fastapi import APIRouter, Body, Depends, Path, Query, Request
 
 from app.api.deps import LimitDep, PrincipalDep, SessionDep, SettingsDep, rate_limit
 from app.core.middleware import request_id_var
@@ -56,14 +56,18 @@ def create_job(
 
 @router.get("/jobs", response_model=CursorPage[FineTuningJob], summary="List fine-tuning jobs")
 def list_jobs(
+    request: Request,
     principal: PrincipalDep,
     session: SessionDep,
     settings: SettingsDep,
     limit: LimitDep,
     after: AfterQuery = None,
 ) -> CursorPage[FineTuningJob]:
-    """The key's jobs (the operator: every user's), newest first."""
-    return service.job_objects(settings, service.list_jobs(session, principal, limit, after))
+    """The key's jobs (the operator: every user's), newest first; `metadata[k]=v` keeps the jobs
+    whose metadata has k = v (each pair given must match), as OpenAI's list filters."""
+    wanted = service.metadata_filter(request.query_params.multi_items())
+    page = service.list_jobs(session, principal, limit, after, wanted)
+    return service.job_objects(settings, page)
 
 
 @router.get("/jobs/{job_id}", response_model=FineTuningJob, summary="Retrieve a fine-tuning job")
