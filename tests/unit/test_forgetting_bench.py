@@ -219,7 +219,9 @@ def test_mc_outcomes_match_the_engine(model_path: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_tiny_benchmark_end_to_end_and_resume(model_path: Path, tmp_path: Path) -> None:
+def test_tiny_benchmark_end_to_end_with_two_workers_and_resume(
+    model_path: Path, tmp_path: Path
+) -> None:
     from bench.forgetting import report
     from bench.forgetting.benchmark import run_benchmark, write_report
     from worker.training.judge import FLUENCY_RULE
@@ -229,8 +231,14 @@ def test_tiny_benchmark_end_to_end_and_resume(model_path: Path, tmp_path: Path) 
         "data_seed": 0, "data_dir": make_data(tmp_path / "data"), "model_path": model_path,
         "work_dir": tmp_path / "work", "out_path": out,
     }  # fmt: skip
-    result = run_benchmark(tiny_plan(), log=lambda message: None, **kwargs)
+    result = run_benchmark(tiny_plan(), log=lambda message: None, workers=2, **kwargs)
     assert json.loads(out.read_text()) == json.loads(json.dumps(result, default=str))
+    keys = [r["key"] for r in result["runs"]]
+    assert len(keys) == len(set(keys)) == 6  # every run once, whoever trained it
+    assert list((tmp_path / "work" / "claims").iterdir()) == []
+    # both took runs: the child claims the second DPO run while the parent trains the first
+    # (a run takes seconds, a claim microseconds)
+    assert len({r["worker_pid"] for r in result["runs"]}) == 2
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "**Frontier**" in out.with_suffix(".md").read_text()
     assert result["status"] == "done" and _finite(result)
@@ -461,27 +469,6 @@ def test_a_dead_workers_claim_is_taken_over_and_a_live_ones_is_not(tmp_path: Pat
     bench.claim_path(spec).write_text(str(gone.pid))  # its worker died mid-run
     assert bench.claim(spec) and bench.claim_path(spec).read_text() == str(os.getpid())
     assert not bench.claim(spec)  # now held by a live process (this one)
-
-
-@pytest.mark.slow
-def test_two_workers_share_the_runs_and_record_each_once(model_path: Path, tmp_path: Path) -> None:
-    from bench.forgetting.benchmark import run_benchmark
-
-    out = tmp_path / "results" / "forgetting.json"
-    log: list[str] = []
-    result = run_benchmark(
-        tiny_plan(), log=log.append, data_seed=0, data_dir=make_data(tmp_path / "data"),
-        model_path=model_path, work_dir=tmp_path / "work", out_path=out, make_plot=False,
-        workers=2,
-    )  # fmt: skip
-    keys = [r["key"] for r in result["runs"]]
-    assert len(keys) == len(set(keys)) == 6  # every run once, whoever trained it
-    assert [r["phase"] for r in json.loads(out.read_text())["runs"]].count("final") == 2
-    assert result["status"] == "done" and _finite(result)
-    assert list((tmp_path / "work" / "claims").iterdir()) == []
-    # both took runs: the child claims the second DPO run while the parent trains the first
-    # (a run takes seconds, a claim microseconds)
-    assert len({r["worker_pid"] for r in result["runs"]}) == 2
 
 
 def test_the_engine_default_is_the_benchmarks_chosen_setting() -> None:
