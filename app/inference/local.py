@@ -34,6 +34,7 @@ from app.inference.base import (
     TokenLogprob,
 )
 from app.inference.batching import Batcher, BatchItem, batch_key
+from app.inference.stacked_lora import stacked_lora
 from foundation.model import default_device, load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -270,6 +271,8 @@ class LocalEngine:
         with contextlib.ExitStack() as stack:
             if model is None:
                 model = stack.enter_context(self._selected(None))
+            else:  # every row's LoRA in two batched matmuls per layer (PEFT's loop otherwise)
+                stack.enter_context(stacked_lora(model, names))
             with torch.inference_mode():
                 output = model.generate(
                     input_ids=input_ids.to(self.device),
