@@ -14,9 +14,13 @@ T = TypeVar("T")
 FineTuningStatus = Literal[
     "validating_files", "queued", "running", "succeeded", "failed", "cancelled"
 ]
+METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512  # OpenAI's limits
 Metadata = Annotated[
-    dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, Field(max_length=512)]],
-    Field(max_length=16),
+    dict[
+        Annotated[str, StringConstraints(max_length=METADATA_KEY_CHARS)],
+        Annotated[str, Field(max_length=METADATA_VALUE_CHARS)],
+    ],
+    Field(max_length=METADATA_PAIRS),
 ]
 
 

@@ -19,6 +19,9 @@ from app.core.errors import BadRequest, Conflict, InvalidRequest, NotFound
 from app.core.security import Principal
 from app.models import JobEvent, TrainingJob, utcnow
 from app.schemas.fine_tuning import (
+    METADATA_KEY_CHARS,
+    METADATA_PAIRS,
+    METADATA_VALUE_CHARS,
     CheckpointMetrics,
     CursorPage,
     FineTuningJob,
@@ -258,13 +261,13 @@ def metadata_filter(params: list[tuple[str, str]]) -> dict[str, str] | None:
             only_null = only_null or name == "metadata"
             continue
         key = match.group(1)
-        if key in wanted or len(key) > 64 or len(value) > 512:
+        if key in wanted or len(key) > METADATA_KEY_CHARS or len(value) > METADATA_VALUE_CHARS:
             raise _bad_metadata(
                 f"metadata[{key[:64]}]: one value per key, keys of at most 64 characters and "
                 "values of at most 512"
             )
         wanted[key] = value
-    if len(wanted) > 16 or (only_null and wanted):
+    if len(wanted) > METADATA_PAIRS or (only_null and wanted):
         raise _bad_metadata("metadata: at most 16 pairs, and not together with metadata=null")
     return {} if only_null else wanted or None
 
