@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -86,8 +87,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (files.router, fine_tuning.router):  # the rest of /v1
         app.include_router(router)
     app.include_router(web.router)  # the playground page at /
+    _add_openapi_schemas(app, feedback.OPENAPI_SCHEMAS)
     _add_middleware(app, settings)
     return app
+
+
+def _add_openapi_schemas(app: FastAPI, schemas: dict[str, Any]) -> None:
+    """Put models that a route documents by hand (a body it validates itself) into the OpenAPI
+    document's components; a model FastAPI already lists there is kept as FastAPI wrote it."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        document = generate()  # FastAPI keeps it in app.openapi_schema: this runs once
+        components = document.setdefault("components", {}).setdefault("schemas", {})
+        for name, schema in schemas.items():
+            components.setdefault(name, schema)
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def build_state(settings: Settings) -> AppState:

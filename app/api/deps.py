@@ -25,6 +25,7 @@ from app.services import api_keys as api_key_service
 
 log = logging.getLogger(__name__)
 bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <api key>`")
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 
 # Dependencies that do no I/O are `async`: a sync one costs a hop to the thread pool per request.
@@ -63,19 +64,13 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
-def commit_now(session: Session) -> None:
-    """Commit the request's transaction from a sync route, in the worker thread it runs in: the
-    boundary then finds nothing to do and needs no second thread hop (a hot path's saving). An
-    error raised before this still rolls everything back; a failed commit raises from here."""
-    end_transaction(session, failed=False)
-
-
 def get_principal(
     state: StateDep,
     session: SessionDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    credentials: BearerDep,
 ) -> Principal:
-    """Resolve the API key to the operator or a user; 401 if missing or unknown."""
+    """Resolve the API key to the operator or a user; 401 if missing or unknown. (Also a plain
+    function: POST feedback calls it in its own worker thread.)"""
     if credentials is None:
         if state.settings.allow_anonymous_local:
             return Principal(is_operator=True)
@@ -124,7 +119,7 @@ OperatorDep = Annotated[Principal, Depends(require_operator)]
 def metrics_access(
     state: StateDep,
     session: SessionDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    credentials: BearerDep,
 ) -> None:
     """Only the operator key, when METRICS_REQUIRE_OPERATOR_KEY is on (else 401/403)."""
     if state.settings.metrics_require_operator_key:

@@ -2,28 +2,36 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials
+from pydantic import TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from app.api.deps import (
+    BearerDep,
     LimitDep,
     PrincipalDep,
     SessionDep,
     SettingsDep,
     UserIdDep,
-    commit_now,
+    get_principal,
 )
 from app.api.state import AppState, StateDep
+from app.core.db import transaction
 from app.core.errors import BadRequest, UnsupportedMediaType
+from app.core.security import validate_user_id
 from app.schemas.common import ERROR_RESPONSES, ErrorResponse, Page
 from app.schemas.feedback import FeedbackCreated, FeedbackIn, PairOut
 from app.schemas.files import ImportReportOut
 from app.services import feedback as feedback_service
 from app.services import users as user_service
+from app.services.feedback import StoredResult
 from app.services.imports import ImportReport, PairImport, import_file
 
 router = APIRouter(prefix="/users/{user_id}/feedback", tags=["feedback"], responses=ERROR_RESPONSES)
@@ -60,25 +68,96 @@ FEEDBACK_EXAMPLES: dict[str, Any] = {
 }
 
 
-@router.post("", status_code=201, response_model=FeedbackCreated, summary="Store preference pairs")
-def post_feedback(
+FEEDBACK_BODY: TypeAdapter[Any] = TypeAdapter(FeedbackIn)
+_BODY_SCHEMA = FEEDBACK_BODY.json_schema(ref_template="#/components/schemas/{model}")
+# The models the body refers to, for the OpenAPI document's components (see app.main).
+OPENAPI_SCHEMAS: dict[str, Any] = _BODY_SCHEMA.pop("$defs")
+POST_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": _BODY_SCHEMA, "examples": FEEDBACK_EXAMPLES}},
+    }
+}
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=FeedbackCreated,
+    responses={415: {"model": ErrorResponse, "description": "The body is not declared JSON"}},
+    openapi_extra=POST_BODY,
+    summary="Store preference pairs",
+)
+async def post_feedback(
+    request: Request,
     state: StateDep,
-    user_id: UserIdDep,
-    session: SessionDep,
-    settings: SettingsDep,
-    principal: PrincipalDep,
-    body: Annotated[FeedbackIn, Body(openapi_examples=FEEDBACK_EXAMPLES)],
+    user_id: Annotated[str, Path(description="User id ([A-Za-z0-9_.-]{1,64}).", max_length=64)],
+    credentials: BearerDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)] = None,
 ) -> Any:
-    """Store one pair or a batch; committed before the 201. A retried Idempotency-Key replays."""
-    user_service.require_user(session, user_id, principal)
-    pairs = feedback_service.normalize(body, settings)
-    result = feedback_service.store_pairs(session, user_id, pairs, idempotency_key)
-    commit_now(session)
+    """Store one pair or a batch; committed before the 201. A retried Idempotency-Key replays.
+
+    Ingestion's hot path: the key check, the body, the inserts and the commit run in one worker
+    thread and one transaction (the other routes' sync dependencies cost a thread hop each).
+    The order of the checks is the same: the key (401/403), then the body (400/422).
+    """
+    _require_json(request.headers.get("content-type"))
+    raw = await request.body()
+    result, stored = await run_in_threadpool(
+        _store_feedback, state, user_id, credentials, raw, idempotency_key
+    )
     headers = {"Idempotent-Replayed": "true"} if result.replayed else {}
     if not result.replayed:
-        state.metrics.pairs_stored.inc(len(pairs))
+        state.metrics.pairs_stored.inc(stored)
     return JSONResponse(result.body, status_code=result.status_code, headers=headers)
+
+
+def _store_feedback(
+    state: AppState,
+    user_id: str,
+    credentials: HTTPAuthorizationCredentials | None,
+    raw: bytes,
+    idempotency_key: str | None,
+) -> tuple[StoredResult, int]:
+    """Authorize, validate and store, committed on return: (the result, the pairs it stored)."""
+    with transaction(state.session_factory) as session:
+        principal = get_principal(state, session, credentials)
+        validate_user_id(user_id)
+        principal.authorize_user(user_id)
+        body = _parse_body(raw)
+        user_service.require_user(session, user_id, principal)
+        pairs = feedback_service.normalize(body, state.settings)
+        return feedback_service.store_pairs(session, user_id, pairs, idempotency_key), len(pairs)
+
+
+def _parse_body(raw: bytes) -> Any:
+    """The body as one of the feedback shapes, read as FastAPI reads a body (the standard
+    library's JSON, so an escaped lone surrogate reaches the text check): 400 if it is not
+    JSON, 422 naming the field otherwise."""
+    try:
+        document = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8/16/32, or nested too deep
+        error = {"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error",
+                 "input": {}, "ctx": {"error": str(exc)}}  # fmt: skip
+        raise RequestValidationError([error], body=raw) from None
+    try:
+        return FEEDBACK_BODY.validate_python(document)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in errors], body=document
+        ) from None
+
+
+def _require_json(content_type: str | None) -> None:
+    """415 unless the body is declared JSON (as FastAPI reads it: no type at all is JSON too)."""
+    media = (content_type or "application/json").split(";")[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise UnsupportedMediaType(
+            "Content-Type: send the pairs as application/json (a JSONL file goes to "
+            "POST /users/{user_id}/feedback/import)",
+            param="Content-Type",
+        )
 
 
 @router.get("", response_model=Page[PairOut], summary="List pairs, newest first")
