@@ -209,6 +209,36 @@ def test_malformed_json_and_oversize_body(api: Api) -> None:
     assert _pairs(api, "alice", alice) == []
 
 
+def test_the_key_is_checked_before_the_body_and_the_body_must_be_json(api: Api) -> None:
+    """The route validates its body itself (after the key, as a dependency-checked key was):
+    no key or another user's key is refused whatever the body; a non-JSON type is a 415."""
+    _, alice = api.create_user("alice")
+    _, bob = api.create_user("bob")
+    broken = {"Content-Type": "application/json"}
+    for headers, status in (({}, 401), ({"Authorization": "Bearer bapo_nope"}, 401), (bob, 403)):
+        response = api.http.post(
+            "/users/alice/feedback", content=b'{"prompt": ', headers={**headers, **broken}
+        )
+        assert_error(response, status)
+    plain = {**alice, "Content-Type": "text/plain"}
+    refused = api.http.post("/users/alice/feedback", content=b'{"prompt": "p"}', headers=plain)
+    assert assert_error(refused, 415, "unsupported_media_type")["param"] == "Content-Type"
+    typed = {**alice, "Content-Type": "application/json; charset=utf-8"}
+    assert api.http.post("/users/alice/feedback", json=PAIR, headers=typed).status_code == 201
+    assert len(_pairs(api, "alice", alice)) == 1
+
+
+def test_openapi_documents_the_feedback_body(api: Api) -> None:
+    spec = api.http.get("/openapi.json").json()
+    body = spec["paths"]["/users/{user_id}/feedback"]["post"]["requestBody"]
+    shapes = body["content"]["application/json"]["schema"]["oneOf"]
+    names = [shape["$ref"].rsplit("/", 1)[1] for shape in shapes]
+    assert names == ["PairIn", "OpenAIPreferenceIn", "PairBatchIn"]
+    for name in names:
+        assert "properties" in spec["components"]["schemas"][name], name
+    assert set(body["content"]["application/json"]["examples"]) == {"pair", "batch", "openai"}
+
+
 def test_texts_at_the_limit_are_accepted(api: Api) -> None:
     _, alice = api.create_user("alice")
     body = {"prompt": "p" * 8000, "chosen": "c" * 8000, "rejected": "r" * 8000}
