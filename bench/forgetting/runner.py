@@ -8,11 +8,14 @@ validation prompts with the selection MC subset; final runs on test prompts with
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bench.forgetting import datasets, measures
 from bench.forgetting.datasets import ScoredPair
@@ -29,7 +32,9 @@ from worker.training.judge import (
     FLUENCY_RULE,
     Fluency,
     LengthBand,
+    content_ids,
     fluency,
+    is_degenerate,
     length_band,
     persona_scores,
 )
@@ -37,6 +42,7 @@ from worker.training.trainer import TrainResult, train
 
 Log = Callable[[str], None]
 Record = dict[str, Any]
+T = TypeVar("T")
 SLICE_OF_PHASE = {"dpo_tuning": "validation", "bapo_variants": "validation", "final": "test"}
 SCOPE_OF_PHASE = {"dpo_tuning": "selection", "bapo_variants": "selection", "final": "final"}
 HISTORY_KEYS = ("step", "loss", "dpo_loss", "anchor_loss", "reward_accuracy", "anchor_logratio")
@@ -86,6 +92,7 @@ class Session:
     base_model: Any = None
     base_cache: KeyValueCache = field(default_factory=MemoryCache)
     ref_cache: KeyValueCache = field(default_factory=MemoryCache)
+    measure_cache: KeyValueCache = field(default_factory=MemoryCache)  # base measures (_memo)
     # scope ("selection" | "final") → kept set → questions / base outcomes
     knowledge: dict[str, dict[str, list[MCQuestion]]] = field(default_factory=dict)
     base_knowledge: dict[str, dict[str, measures.MCOutcomes]] = field(default_factory=dict)
@@ -128,13 +135,50 @@ def open_session(
     session.base_model = load_model(model_path)
     base_cache = JsonFileCache(cache_dir / "base_responses.json")
     ref_cache = JsonFileCache(cache_dir / "reference_logprobs.json")
+    measure_cache = JsonFileCache(cache_dir / "base_measures.json")
     session.base_cache, session.ref_cache = base_cache, ref_cache
+    session.measure_cache = measure_cache
     session.cache_at_start = {
         "dir": str(cache_dir),
         "base_responses": len(base_cache.data),
         "reference_logprobs": len(ref_cache.data),
+        "base_measures": len(measure_cache.data),
     }
     return session
+
+
+def _memo(
+    session: Session,
+    name: str,
+    inputs: Any,
+    compute: Callable[[], T],
+    dump: Callable[[T], Any] = lambda value: value,
+    load: Callable[[Any], T] = lambda stored: stored,
+) -> T:
+    """A base-model measure, computed once per (model, measure, inputs) and kept in the session's
+    measure cache: resuming the benchmark in a new session skips the base model's ~25 minutes of
+    scoring. The key hashes everything the value depends on (the model's identity, the measure
+    with its batch size, and its whole inputs), so a changed plan or dataset recomputes."""
+    blob = json.dumps([session.identity, name, inputs], sort_keys=True, default=str)
+    key = hashlib.sha256(blob.encode()).hexdigest()
+    found = session.measure_cache.get_many([key])
+    if key in found:
+        return load(found[key])
+    value = compute()
+    session.measure_cache.put_many({key: dump(value)})
+    return value
+
+
+def _mc_outcomes(session: Session, questions: list[MCQuestion]) -> measures.MCOutcomes:
+    """The base model's per-question outcomes on an MC set (cached, _memo)."""
+    return _memo(
+        session,
+        "mc_outcomes/batch=16",
+        [asdict(q) for q in questions],
+        lambda: measures.mc_outcomes(session.base_model, session.tokenizer, questions),
+        dump=asdict,
+        load=lambda stored: measures.MCOutcomes(**stored),
+    )
 
 
 def _timed(session: Session, name: str, action: Callable[[], None]) -> None:
@@ -168,7 +212,7 @@ def screen_knowledge(session: Session) -> None:
         final = datasets.seeded_sample(pool, n, session.data_seed, name)
         n_selection = round(n * plan.selection_mc_fraction)
         selection = datasets.seeded_sample(pool, n_selection, session.data_seed, name, skip=n)
-        outcomes = measures.mc_outcomes(session.base_model, session.tokenizer, final)
+        outcomes = _mc_outcomes(session, final)
         result = outcomes.result()
         chance = datasets.chance_accuracy(final)
         z = (result.accuracy - chance) / result.stderr if result.stderr > 0 else 0.0
@@ -190,9 +234,7 @@ def screen_knowledge(session: Session) -> None:
             session.base_knowledge["final"][name] = outcomes
             if selection:
                 session.knowledge["selection"][name] = selection
-                session.base_knowledge["selection"][name] = measures.mc_outcomes(
-                    session.base_model, session.tokenizer, selection
-                )
+                session.base_knowledge["selection"][name] = _mc_outcomes(session, selection)
 
 
 def short_hh_pairs(session: Session, split: str) -> list[ScoredPair]:
@@ -219,8 +261,17 @@ def base_alignment(session: Session) -> None:
     for split in ("helpful-base", "harmless-base"):
         pairs = short_hh_pairs(session, split)
         session.alignment[split] = pairs
-        session.base_alignment[split] = measures.alignment_outcomes(
-            session.base_model, session.tokenizer, pairs, session.config
+        session.base_alignment[split] = _memo(
+            session,
+            "alignment_outcomes",
+            [[asdict(p) for p in pairs], session.config.to_dict()],
+            partial(
+                measures.alignment_outcomes,
+                session.base_model,
+                session.tokenizer,
+                pairs,
+                session.config,
+            ),
         )
 
 
@@ -302,11 +353,16 @@ def base_user_measures(session: Session) -> None:
         session.base_slices[user.name] = {
             s: _judge_base(session, user, user.prompts(s)) for s in slices
         }
+    eot = session.tokenizer.eos_token_id
     for s in slices:
-        session.nll_bound[s] = fluent_band(session, s)
-        for user in session.users:
+        band = session.nll_bound[s] = fluent_band(session, s)
+        for user in session.users:  # fluency()'s rule on the NLL the base slice already has
             base = session.base_slices[user.name][s]
-            base.degenerate = _fluency(session, base.prompts, base.answers, s).degenerate
+            lengths = [len(content_ids(a.token_ids, eot)) for a in base.answers]
+            base.degenerate = [
+                is_degenerate(a.text, a.token_ids, nll, band.bound(n))
+                for a, nll, n in zip(base.answers, base.nll, lengths, strict=True)
+            ]
 
 
 def fluent_band(session: Session, slice_name: str) -> LengthBand:
@@ -330,7 +386,22 @@ def fluent_band(session: Session, slice_name: str) -> LengthBand:
         for kind in ("chosen", "rejected"):
             prompts += user_prompts
             texts += [getattr(p, kind) for p in pairs]
-    return length_band(session.base_model, session.tokenizer, prompts, texts, NLL_BAND_QUANTILE)
+    return _memo(
+        session,
+        "length_band/batch=16",
+        [prompts, texts, NLL_BAND_QUANTILE],
+        lambda: length_band(
+            session.base_model, session.tokenizer, prompts, texts, NLL_BAND_QUANTILE
+        ),
+        dump=asdict,
+        load=_length_band,
+    )
+
+
+def _length_band(stored: dict[str, Any]) -> LengthBand:
+    """A LengthBand from its asdict() form (JSON keeps its tuples as lists)."""
+    lengths, bounds, texts = (tuple(stored[k]) for k in ("lengths", "bounds", "texts"))
+    return LengthBand(lengths, bounds, stored["quantile"], texts)
 
 
 def _judge_base(session: Session, user: User, prompts: list[Messages]) -> BaseSlice:
@@ -338,8 +409,19 @@ def _judge_base(session: Session, user: User, prompts: list[Messages]) -> BaseSl
     answers = judged_answers(session, session.base_model, prompts, cached=True)
     ids = [a.token_ids for a in answers]
     model, tokenizer = session.base_model, session.tokenizer
-    persona = persona_scores(model, tokenizer, prompts, ids, user.instruction)
-    nll = fluency(model, tokenizer, prompts, [(a.text, a.token_ids) for a in answers]).nll
+    persona = _memo(
+        session,
+        "persona_scores/batch=16",
+        [prompts, ids, user.instruction],
+        lambda: persona_scores(model, tokenizer, prompts, ids, user.instruction),
+    )
+    texts = [(a.text, a.token_ids) for a in answers]
+    nll = _memo(
+        session,
+        "fluency_nll/batch=16",
+        [prompts, texts],
+        lambda: fluency(model, tokenizer, prompts, texts).nll,
+    )
     return BaseSlice(prompts, answers, persona, nll)
 
 

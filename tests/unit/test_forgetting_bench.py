@@ -288,6 +288,9 @@ def test_tiny_benchmark_end_to_end_with_two_workers_and_resume(
     log: list[str] = []
     again = run_benchmark(tiny_plan(), log=log.append, **kwargs)
     assert sum(line.startswith("run ") for line in log) == 1
+    # the base measures came from the measure cache this time, and they are the same
+    assert again["cache_entries_at_start"]["base_measures"] > 0
+    assert again["base"] == result["base"]
     assert [r["key"] for r in again["runs"]] == [r["key"] for r in result["runs"]]
     rejudged = again["runs"][0]["fluency"]
     assert rejudged["rule"] == FLUENCY_RULE and "re-encoded" in rejudged["rejudged"]
