@@ -99,12 +99,12 @@ async def post_feedback(
 
     Ingestion's hot path: the key check, the body, the inserts and the commit run in one worker
     thread and one transaction (the other routes' sync dependencies cost a thread hop each).
-    The order of the checks is the same: the key (401/403), then the body (400/422).
+    The key is checked first (401/403), then the body (415, 400, 422), as for the other routes.
     """
-    _require_json(request.headers.get("content-type"))
     raw = await request.body()
+    content_type = request.headers.get("content-type")
     result, stored = await run_in_threadpool(
-        _store_feedback, state, user_id, credentials, raw, idempotency_key
+        _store_feedback, state, user_id, credentials, content_type, raw, idempotency_key
     )
     headers = {"Idempotent-Replayed": "true"} if result.replayed else {}
     if not result.replayed:
@@ -116,6 +116,7 @@ def _store_feedback(
     state: AppState,
     user_id: str,
     credentials: HTTPAuthorizationCredentials | None,
+    content_type: str | None,
     raw: bytes,
     idempotency_key: str | None,
 ) -> tuple[StoredResult, int]:
@@ -124,6 +125,7 @@ def _store_feedback(
         principal = get_principal(state, session, credentials)
         validate_user_id(user_id)
         principal.authorize_user(user_id)
+        _require_json(content_type)
         body = _parse_body(raw)
         user_service.require_user(session, user_id, principal)
         pairs = feedback_service.normalize(body, state.settings)
