@@ -40,6 +40,7 @@ Create a user:
         log_config=None,
         proxy_headers=True,
         timeout_graceful_shutdown=10,
+        timeout_keep_alive=settings.keep_alive_timeout_s,
     )
 
 

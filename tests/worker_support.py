@@ -24,7 +24,14 @@ import httpx
 import redis
 
 from app.core.config import Settings
-from tests.support import OPERATOR_KEY, Api, LiveServer, make_settings, postgres_database
+from tests.support import (
+    OPERATOR_KEY,
+    Api,
+    LiveServer,
+    free_port,
+    make_settings,
+    postgres_database,
+)
 
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -391,3 +398,33 @@ def cache_lookups(http: httpx.Client) -> dict[tuple[str, str], float]:
         for sample in family.samples
         if sample.name == "bapo_training_cache_lookups_total"
     }
+
+
+@contextmanager
+def api_process(settings: Settings, log: Path) -> Iterator[str]:
+    """`python -m app` (the production entry point) on its own port; yields its base URL."""
+    port = free_port()
+    env = settings_env(settings, HOST="127.0.0.1", PORT=str(port))
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app"], cwd=REPO_ROOT, env=env, stdout=out, stderr=out
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _healthy(url) or process.poll() is not None, 60, f"API on {port}")
+        assert process.poll() is None, log.read_text()[-3000:]
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False

@@ -85,6 +85,12 @@ class Settings(BaseSettings):
     # --- server --------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address the API binds to (0.0.0.0 in containers).")
     port: int = Field(8000, description="Port the API listens on.")
+    keep_alive_timeout_s: int = Field(
+        5,
+        ge=1,
+        description="Seconds an idle client connection stays open (uvicorn's default). Behind a "
+        "load balancer that reuses connections, set it above the balancer's idle timeout.",
+    )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
     log_json: bool = Field(True, description="Structured JSON logs.")
     cors_origins: list[str] = Field(

@@ -4,26 +4,20 @@ a private Redis); without Redis (embedded mode) the buckets are per process."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 
-from app.core.config import Settings
 from tests.fault_support import private_redis
 from tests.support import (
     Api,
     LiveServer,
     assert_error,
-    free_port,
     make_settings,
     postgres_database,
 )
-from tests.worker_support import REPO_ROOT, settings_env, wait_for
+from tests.worker_support import api_process, wait_for
 
 LIMIT = 2
 NO_GENERATE_LIMIT = {"rate_limit_generate_per_min": 0}
@@ -92,36 +86,6 @@ def test_key_spellings_share_one_bucket_in_redis(tmp_path: Path) -> None:
             _assert_spellings_share_one_bucket(server)
         finally:
             server.stop()
-
-
-@contextmanager
-def api_process(settings: Settings, log: Path) -> Iterator[str]:
-    """`python -m app` (the production entry point) on its own port; yields its base URL."""
-    port = free_port()
-    env = settings_env(settings, HOST="127.0.0.1", PORT=str(port))
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "app"], cwd=REPO_ROOT, env=env, stdout=out, stderr=out
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: _healthy(url) or process.poll() is not None, 60, f"API on {port}")
-        assert process.poll() is None, log.read_text()[-3000:]
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def test_two_api_processes_together_allow_only_the_limit(tmp_path: Path) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -14,6 +16,7 @@ from app.api.state import app_state
 from app.core.db import upgrade_to_head
 from app.main import NotMigratedError, create_app, prepare_database
 from tests.support import LiveServer, make_settings, postgres_database
+from tests.worker_support import api_process
 
 
 def test_unmigrated_postgres_is_refused_with_a_clear_message(tmp_path: Path) -> None:
@@ -80,3 +83,37 @@ def test_operator_key_is_generated_once_and_kept(tmp_path: Path) -> None:
     second = app_state(create_app(settings)).operator_key
     assert first == second and len(first) > 30
     assert (tmp_path / "operator_key").stat().st_mode & 0o777 == 0o600
+
+
+def test_idle_connections_close_after_the_keep_alive_timeout(tmp_path: Path) -> None:
+    """KEEP_ALIVE_TIMEOUT_S reaches uvicorn: with 1 s, a connection idle for 2.5 s is closed by
+    the server (with uvicorn's default of 5 s it would still be open)."""
+    settings = make_settings(tmp_path, keep_alive_timeout_s=1)
+    with api_process(settings, tmp_path / "api.log") as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as conn:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+            assert _read_response(conn).startswith(b"HTTP/1.1 200")
+            time.sleep(2.5)
+            conn.settimeout(2)
+            assert conn.recv(65536) == b""  # closed by the server, not timed out
+
+
+def _read_response(conn: socket.socket) -> bytes:
+    """One whole HTTP/1.1 response with a Content-Length (headers and body may come apart)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        assert chunk, f"closed before the headers ended: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        assert chunk, f"closed before the body ended: {body!r}"
+        body += chunk
+    return head + b"\r\n\r\n" + body
