@@ -80,7 +80,38 @@ def goal_lines(result: Record) -> list[str]:
         f"{_pp(diff.get('knowledge_delta'), diff.get('knowledge_delta_stderr'))} pp, persona "
         f"movement {_num(diff.get('movement_delta'))} ± "
         f"{_num(diff.get('movement_delta_stderr'), '.3f')} nats/token.",
+        *([] if g["dpo_forgets"] else [dpo_forgetting_line(result)]),
     ]
+
+
+def dpo_forgetting_line(result: Record) -> str:
+    """Where on the DPO grid (validation) the knowledge loss is beyond 2 se (the se as the goal
+    takes it: the larger of the clustered and the per-question one). Shown when the tuned DPO's
+    loss is not: then the knowledge-loss ratio says nothing, and this says what it would take."""
+    points = result["selection"]["dpo"].get("points", [])
+    if not points:
+        return "The tuned DPO's knowledge loss is within 2 se of zero; no DPO grid is recorded."
+
+    def se(p: Record) -> float:
+        return float(max(p["knowledge_delta_stderr"], p.get("knowledge_delta_stderr_questions", 0)))
+
+    def describe(p: Record) -> str:
+        return (
+            f"lr {p['setting']['learning_rate']:g} × {p['setting']['steps']} steps, "
+            f"{_pp(p['knowledge_delta'])} pp (se {100 * se(p):.1f})"
+            f"{'' if p['fluent'] else ', not fluent'}"
+        )
+
+    forgetting = [p for p in points if -p["knowledge_delta"] > 2 * se(p)]
+    lead = "The tuned DPO's knowledge loss is within 2 se of zero, so the ratio says nothing."
+    if forgetting:
+        where = "; ".join(describe(p) for p in forgetting)
+        return f"{lead} DPO forgets beyond 2 se on the grid (validation) at: {where}."
+    worst = max(points, key=lambda p: -p["knowledge_delta"])
+    return (
+        f"{lead} No DPO setting on the grid (validation) forgets beyond 2 se either; the largest "
+        f"loss is at {describe(worst)}."
+    )
 
 
 def _point_row(p: Record, marker: str = "") -> str:

@@ -509,3 +509,21 @@ def test_compare_reports_each_measures_largest_difference_in_standard_errors() -
     assert result["worst"]["persona movement"]["max_abs_diff"] == pytest.approx(0.2)
     assert result["worst"]["persona movement"]["max_diff_in_stderr"] == pytest.approx(2.0)
     assert result["worst"]["final loss"] == {"max_abs_diff": 0.0, "max_diff_in_stderr": 0.0}
+
+
+def test_the_goal_says_where_dpo_forgets_when_the_tuned_dpo_does_not() -> None:
+    from bench.forgetting import report
+
+    def point(lr: float, delta: float, se: float, se_questions: float, fluent: bool) -> Any:
+        return {"setting": {"learning_rate": lr, "steps": 32}, "knowledge_delta": delta,
+                "knowledge_delta_stderr": se, "knowledge_delta_stderr_questions": se_questions,
+                "fluent": fluent}  # fmt: skip
+
+    grid = [point(5e-4, -0.01, 0.02, 0.02, True), point(2e-3, -0.06, 0.01, 0.02, False)]
+    line = report.dpo_forgetting_line({"selection": {"dpo": {"points": grid}}})
+    assert "at: lr 0.002 × 32 steps, -6.0 pp (se 2.0), not fluent." in line
+    assert "0.0005" not in line
+    # the larger se counts: with 4 pp over questions, -6 pp is within 2 se
+    grid[1] = point(2e-3, -0.06, 0.01, 0.04, False)
+    line = report.dpo_forgetting_line({"selection": {"dpo": {"points": grid}}})
+    assert "either; the largest loss is at lr 0.002 × 32 steps, -6.0 pp (se 4.0)" in line
