@@ -2,8 +2,8 @@
 
 The bundled base model (location, preparation, identity, device, loading), the training contract
 (`TrainConfig` and its one `parse()`), the preference `Pair` with its one validator and prompt
-hash, and the adapter store's folders (`AdapterStore`: version and staging folders, atomic
-publish, cleanup). This package imports neither `app` nor `worker`
-(tests/unit/test_import_direction.py checks), and imports torch and transformers only inside the
-functions that need them.
+hash, the adapter store's folders (`AdapterStore`: version and staging folders, atomic
+publish, cleanup), and the one `quantile` that the judge, the benchmarks and the tests share.
+This package imports neither `app` nor `worker` (tests/unit/test_import_direction.py checks),
+and imports torch and transformers only inside the functions that need them.
 """

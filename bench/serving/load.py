@@ -16,7 +16,8 @@ from typing import Any
 
 import httpx
 
-from bench.common import median, percentile
+from bench.common import median
+from foundation.stats import quantile
 
 PROMPTS = (
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -80,7 +81,7 @@ class CellResult:
             "output_tokens": self.output_tokens, "elapsed_s": self.elapsed_s,
             "tokens_per_s": self.tokens_per_s,
             "mean_output_tokens": self.output_tokens / max(1, self.requests - self.errors),
-            "p50_s": median(self.latencies_s), "p99_s": percentile(self.latencies_s, 99),
+            "p50_s": median(self.latencies_s), "p99_s": quantile(self.latencies_s, 0.99),
         }  # fmt: skip
 
 

@@ -429,7 +429,8 @@ def test_fluency_scores_content_only_and_judges_short_answers_by_short_text(
     model_path: Path,
 ) -> None:
     from foundation.model import load_model, load_tokenizer
-    from worker.training.judge import fluency, length_band, percentile, token_nll
+    from foundation.stats import quantile
+    from worker.training.judge import fluency, length_band, token_nll
 
     model, tokenizer = load_model(model_path), load_tokenizer(model_path)
     eot = tokenizer.eos_token_id
@@ -451,7 +452,7 @@ def test_fluency_scores_content_only_and_judges_short_answers_by_short_text(
     band = length_band(model, tokenizer, prompts, fluent, 0.95)
     rows = token_nll(model, tokenizer, prompts, fluent)
     first_two = [sum(r[:2]) / 2 for r in rows]
-    assert band.bounds[0] == pytest.approx(percentile(first_two, 0.95), abs=1e-5)
+    assert band.bounds[0] == pytest.approx(quantile(first_two, 0.95), abs=1e-5)
     assert band.lengths[0] == 2 and band.texts[0] == len(fluent)
     assert max(band.lengths) <= min(len(f) for f in fluent)
 

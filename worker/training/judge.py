@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from foundation.model import CausalLM
 from foundation.pairs import Messages
+from foundation.stats import quantile as quantile_of
 from worker.training.data import encode_prompt
 from worker.training.logprobs import score_tokens
 
@@ -165,7 +166,7 @@ def length_band(
         if len(prefixes) < MIN_BAND_TEXTS and bounds:
             break  # too few texts this long: longer answers keep the last bound
         lengths.append(n)
-        bounds.append(percentile(prefixes, quantile))
+        bounds.append(quantile_of(prefixes, quantile) if prefixes else math.inf)
         texts.append(len(prefixes))
     return LengthBand(tuple(lengths), tuple(bounds), quantile, tuple(texts))
 
@@ -207,17 +208,6 @@ def persona_scores(
     instructed = [with_instruction(messages, instruction) for messages in prompts]
     told = answer_nll(model, tokenizer, instructed, answers, batch_size)
     return [p - t for p, t in zip(plain, told, strict=True)]
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-quantile (0..1) by linear interpolation between order statistics."""
-    if not values:
-        return math.inf
-    ordered = sorted(values)
-    position = q * (len(ordered) - 1)
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (position - low) * (ordered[high] - ordered[low])
 
 
 def is_degenerate(
