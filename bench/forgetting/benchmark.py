@@ -314,9 +314,14 @@ def write_report(
     readme: Path | None = None,
 ) -> None:
     """The Markdown tables and the PNG next to the result JSON (read from it when not given),
-    and README's forgetting block when `readme` is given."""
+    and README's forgetting block when `readme` is given. A result read from the JSON gets its
+    selection and goal re-derived by the current rules, and the JSON is rewritten when they
+    changed, so the recorded goal object always says what the report says."""
     if result is None:
+        recorded = json.loads(out_path.read_text(encoding="utf-8"))
         result = load_result(out_path)
+        if (recorded["selection"], recorded["goal"]) != (result["selection"], result["goal"]):
+            _write(out_path, result)
     out_path.with_suffix(".md").write_text(report.markdown(result), encoding="utf-8")
     if make_plot:
         report.plot(result, out_path.with_suffix(".png"))

@@ -75,12 +75,45 @@ def goal_lines(result: Record) -> list[str]:
         f"knowledge-loss ratio {_num(g['knowledge_loss_ratio'], '.2f')} (goal ≤ 0.33), default "
         f"fluent: {'yes' if g['fluency_ok'] else 'no'}; DPO forgets beyond 2 se: "
         f"{'yes' if g['dpo_forgets'] else 'no'} ({_pp(-g['dpo_knowledge_loss'])} ± "
-        f"{100 * g['dpo_knowledge_loss_stderr']:.1f} pp); **met: {'yes' if g['met'] else 'no'}**.",
+        f"{100 * g['dpo_knowledge_loss_stderr']:.1f} pp{_se_parts(g)}); "
+        f"**met: {'yes' if g['met'] else 'no'}**.",
         f"BAPO − DPO, paired per user and seed, stderr clustered by user: knowledge "
         f"{_pp(diff.get('knowledge_delta'), diff.get('knowledge_delta_stderr'))} pp, persona "
         f"movement {_num(diff.get('movement_delta'))} ± "
         f"{_num(diff.get('movement_delta_stderr'), '.3f')} nats/token.",
         *([] if g["dpo_forgets"] else [dpo_forgetting_line(result)]),
+        *unfluent_line(g),
+    ]
+
+
+def _se_parts(g: Record) -> str:
+    """Which se the goal took: the larger of the one across users and the per-question one."""
+    if "dpo_knowledge_loss_stderr_users" not in g:
+        return ""
+    return (
+        f"; se the larger of {100 * g['dpo_knowledge_loss_stderr_users']:.1f} across users and "
+        f"{100 * g['dpo_knowledge_loss_stderr_questions']:.1f} over the questions"
+    )
+
+
+def unfluent_line(g: Record) -> list[str]:
+    """The users whose own answers fail the fluency rule (the goal's verdict is pooled)."""
+    found = g.get("unfluent_users")
+    if not found or not any(found.values()):
+        return []
+    parts = []
+    for method, label in (("bapo", "the default"), ("dpo", "tuned DPO")):
+        users = found.get(method, {})
+        listed = ", ".join(
+            f"{u} ({_pct(f['degenerate_fraction'])} degenerate, base "
+            f"{_pct(f['base_degenerate_fraction'])})"
+            for u, f in users.items()
+        )
+        parts.append(f"{label}: {listed or 'none'}")
+    return [
+        "Fluency is judged pooled over users; alone, these users' answers fail the rule — "
+        + "; ".join(parts)
+        + "."
     ]
 
 

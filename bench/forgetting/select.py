@@ -184,10 +184,13 @@ def goal(final_runs: Sequence[Record], dpo_key: str, bapo_key: str) -> Record:
         "dpo_forgets": dpo_forgets,
         "dpo_knowledge_loss": dpo_loss,
         "dpo_knowledge_loss_stderr": dpo_se,
+        "dpo_knowledge_loss_stderr_users": dpo["knowledge_delta_stderr"],
+        "dpo_knowledge_loss_stderr_questions": dpo["knowledge_delta_stderr_questions"],
         "bapo_knowledge_loss": bapo_loss,
         "dpo_movement": dpo["movement"],
         "bapo_movement": bapo["movement"],
         "difference": paired_difference(dpo_runs, bapo_runs),
+        "unfluent_users": {"dpo": unfluent_users(dpo_runs), "bapo": unfluent_users(bapo_runs)},
         "users": users,
         "seeds": seeds,
         "targets": {
@@ -198,6 +201,20 @@ def goal(final_runs: Sequence[Record], dpo_key: str, bapo_key: str) -> Record:
         },
         "met": met,
     }
+
+
+def unfluent_users(runs: Sequence[Record]) -> dict[str, Record]:
+    """The users whose answers alone fail the fluency rule (the goal's rule is pooled), with their
+    degenerate shares: the pooled verdict can hide one user's broken adapter."""
+    found: dict[str, Record] = {}
+    for user in sorted({r["user"] for r in runs}):
+        p = point([r for r in runs if r["user"] == user])
+        if not p["fluent"]:
+            found[user] = {
+                "degenerate_fraction": p["degenerate_fraction"],
+                "base_degenerate_fraction": p["base_degenerate_fraction"],
+            }
+    return found
 
 
 def paired_difference(dpo_runs: Sequence[Record], bapo_runs: Sequence[Record]) -> Record:

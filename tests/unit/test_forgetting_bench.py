@@ -309,6 +309,9 @@ def test_readme_forgetting_block_is_the_recorded_result() -> None:
     block = text[text.index(report.README_BEGIN) : text.index(report.README_END)]
     expected = report.readme_section(result, "bench/results/forgetting.png")
     assert block + report.README_END == expected, "run python -m bench.forgetting --report-only"
+    recorded = json.loads((REPO_ROOT / "bench/results/forgetting.json").read_text("utf-8"))
+    assert recorded["goal"] == result["goal"], "the recorded goal object is out of date"
+    assert recorded["selection"] == result["selection"]
     with pytest.raises(ValueError, match=r"no .* block"):
         report.replace_block("# no block here\n", expected)
 
@@ -399,6 +402,28 @@ def test_dpo_tuning_skips_broken_text_and_the_default_follows_the_rule() -> None
     )  # fmt: skip
     assert goal["met"]
     assert not select.goal(finals[:4], "dpo mid", "bapo ok")["met"]  # 2 users only
+
+
+def test_the_goal_names_a_user_whose_answers_alone_are_broken() -> None:
+    """Fluency is pooled over users, so one user's broken adapter passes the goal's rule; the goal
+    object and its words name that user."""
+    from bench.forgetting import report
+
+    finals = [
+        _run(u, key, "final", 0.5, -0.02, degenerate=3 if (u, key) == ("u0", "bapo") else 0)
+        for u in (f"u{i}" for i in range(10))
+        for key in ("dpo", "bapo")
+    ]
+    goal = select.goal(finals, "dpo", "bapo")
+    assert goal["fluency_ok"]  # 3 of 40 answers: within the base's share + the margin
+    assert goal["unfluent_users"] == {
+        "dpo": {},
+        "bapo": {"u0": {"degenerate_fraction": 0.75, "base_degenerate_fraction": 0.0}},
+    }
+    (line,) = report.unfluent_line(goal)
+    assert "the default: u0 (75% degenerate, base 0%); tuned DPO: none." in line
+    goal["unfluent_users"]["bapo"] = {}
+    assert report.unfluent_line(goal) == []
 
 
 def test_judge_flags_repetition_and_scores_the_persona(model_path: Path) -> None:
