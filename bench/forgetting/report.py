@@ -12,7 +12,7 @@ from bench.forgetting import select
 Record = dict[str, Any]
 EXAMPLES_PER_USER = 2
 EXAMPLE_CHARS = 220
-README_EXAMPLE_CHARS = 60  # README stays under 20 KB with 2 examples × 3 answers × 10 users
+README_EXAMPLE_CHARS = 48  # README stays under 20 KB with 2 examples × 3 answers × 10 users
 README_BEGIN = "<!-- forgetting:begin (written by python -m bench.forgetting --report-only) -->"
 README_END = "<!-- forgetting:end -->"
 
