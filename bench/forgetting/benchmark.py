@@ -318,8 +318,8 @@ def write_report(
     selection and goal re-derived by the current rules, and the JSON is rewritten when they
     changed, so the recorded goal object always says what the report says."""
     if result is None:
-        recorded = json.loads(out_path.read_text(encoding="utf-8"))
-        result = load_result(out_path)
+        recorded: Record = json.loads(out_path.read_text(encoding="utf-8"))
+        result = rederived(recorded)
         if (recorded["selection"], recorded["goal"]) != (result["selection"], result["goal"]):
             _write(out_path, result)
     out_path.with_suffix(".md").write_text(report.markdown(result), encoding="utf-8")
@@ -334,9 +334,13 @@ def write_report(
 
 def load_result(out_path: Path) -> Record:
     """A recorded result with its selection and goal re-derived by the current rules."""
-    result: Record = json.loads(out_path.read_text(encoding="utf-8"))
-    result["selection"], result["goal"] = decide(result["runs"])
-    return result
+    return rederived(json.loads(out_path.read_text(encoding="utf-8")))
+
+
+def rederived(recorded: Record) -> Record:
+    """`recorded` (not changed) with its selection and goal derived again from its runs."""
+    selection, goal = decide(recorded["runs"])
+    return {**recorded, "selection": selection, "goal": goal}
 
 
 def assemble(
